@@ -1,0 +1,51 @@
+# The two README commands (make serve, make test) plus bench and lint. Every install step lives here.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+PYTEST_ARGS ?=
+APT_PACKAGES := dataset-fashion-mnist chromium
+TORCH  := torch==2.13.0
+
+.PHONY: serve test test-slow bench lint system-deps default-model clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Server only: onnxruntime (CPU build) and the web stack, never torch.
+$(VENV)/.serve-installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[cpu]'
+	touch $@
+
+# Everything the tests need: torch pinned to the CPU build on this machine's disk, then the extras.
+$(VENV)/.test-installed: pyproject.toml | $(PY)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[cpu,train,dev]'
+	touch $@ $(VENV)/.serve-installed
+
+# Debian packages the tests use (real data, a real browser), installed when running as root with apt.
+system-deps:
+	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	else echo "note: install $(APT_PACKAGES) for the data and browser tests (they skip without them)"; fi
+
+serve: $(VENV)/.serve-installed
+	$(VENV)/bin/mae-serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.test-installed system-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.test-installed system-deps
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-installed system-deps
+	$(PY) benchmarks/serve.py
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

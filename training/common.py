@@ -1,0 +1,128 @@
+"""Pieces every training CLI shares: loaders, autocast, seeded mask noise, the JSONL metrics log, the run loop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+from model import read_checkpoint, save_checkpoint
+from training.data import SeededDataset
+from training.dist import DistInfo, mean_across_ranks
+from training.optim import lr_at, set_lr
+
+
+def build_loader(dataset: SeededDataset, batch_size: int, info: DistInfo, seed: int, train: bool,
+                 num_workers: int = 0) -> DataLoader:
+    """Shuffled (seeded per epoch via set_epoch) and sharded across ranks for training; in order for eval."""
+    if info.enabled:
+        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=train, seed=seed, drop_last=train)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, num_workers=num_workers)
+
+
+def set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
+    """Make the epoch's order and augmentations a function of (seed, epoch) alone (exact resume)."""
+    loader.dataset.set_epoch(epoch)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    elif isinstance(loader.sampler, RandomSampler):
+        loader.sampler.generator.manual_seed(seed * 100_003 + epoch)
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+
+
+def autocast(amp: str, device: torch.device):
+    """`none`, `bf16` (CPU or CUDA) or `fp16` (CUDA only)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs CUDA; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class MetricsLog:
+    """Append-only JSONL log, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def resume_state(resume: str | None, output_dir: Path) -> dict[str, Any] | None:
+    """`--resume auto` takes output_dir/checkpoint-last.pth when present; a path must exist."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = output_dir / "checkpoint-last.pth"
+        return read_checkpoint(last) if last.is_file() else None
+    return read_checkpoint(resume)
+
+
+def train_epochs(*, model, optimizer, loader, args, info: DistInfo, start_epoch: int,
+                 step_fn: Callable[[Any, Any, int], torch.Tensor], log: MetricsLog,
+                 on_epoch_end: Callable[[int, float], None], scaler=None) -> None:
+    """The loop: per-iteration lr, gradient accumulation, optional autocast, per-step and per-epoch logs.
+
+    `step_fn(batch, model, global_step)` returns the loss of one micro-batch.
+    """
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the data set is smaller than one batch")
+    for epoch in range(start_epoch, args.epochs):
+        set_epoch(loader, epoch, args.seed)
+        model.train()
+        total, count, t0 = 0.0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not info.is_main or args.quiet,
+                   leave=False, dynamic_ncols=True)
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            if i % args.accum_iter == 0:
+                set_lr(optimizer, lr_at(step / steps_per_epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs))
+            with autocast(args.amp, info.device):
+                loss = step_fn(batch, model, step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
+            scaled = loss / args.accum_iter
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            if (i + 1) % args.accum_iter == 0:
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % args.log_every == 0:
+                log.write(step=step, epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+        epoch_loss = mean_across_ranks(total / count, info)
+        seconds = time.perf_counter() - t0
+        log.write(epoch=epoch, train_loss=epoch_loss, epoch_seconds=round(seconds, 2),
+                  images_per_second=round(count * loader.batch_size * info.world_size / seconds, 1))
+        if info.is_main and not args.quiet:
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {epoch_loss:.4f} ({seconds:.0f} s)", flush=True)
+        on_epoch_end(epoch, epoch_loss)
+
+
+def write_checkpoint(output_dir: Path, name: str, state: dict[str, Any], info: DistInfo) -> None:
+    if info.is_main:
+        save_checkpoint(output_dir / name, state)

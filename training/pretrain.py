@@ -1,0 +1,170 @@
+"""`mae-train`: MAE pretraining, one process or many under torchrun, with the same code path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+
+from model import CONFIGS, MaskedAutoencoderViT, get_config
+from training.cli import run_cli
+from training.common import (MetricsLog, build_loader, resume_state, step_generator, train_epochs,
+                             write_checkpoint)
+from training.data import build_dataset
+from training.dist import cleanup, init_distributed
+from training.optim import param_groups
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("mae-train", description="Pretrain a Masked Autoencoder.")
+    p.add_argument("--model", default="mae_vit_tiny_fmnist", choices=sorted(CONFIGS))
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-patch normalised pixel targets (default: the named config's)")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "imagefolder"])
+    p.add_argument("--data-path", default=None, help="IDX directory (fashion-mnist) or folder with train/")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--warmup-epochs", type=float, default=4)
+    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--accum-iter", type=int, default=1)
+    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=Path("runs/pretrain"))
+    p.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for output-dir/checkpoint-last.pth")
+    p.add_argument("--log-every", type=int, default=50, help="steps between JSONL step records")
+    p.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a reconstruction PNG per epoch")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    info = init_distributed(args.device)
+    try:
+        _pretrain(args, info)
+    finally:
+        cleanup(info)
+
+
+def _pretrain(args: argparse.Namespace, info) -> None:
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    torch.manual_seed(args.seed)
+    overrides = {} if args.norm_pix_loss is None else {"norm_pix_loss": args.norm_pix_loss}
+    config = get_config(args.model, **overrides)
+    dataset = build_dataset(args.dataset, "train", config.img_size, config.in_chans, train=True,
+                            root=args.data_path, seed=args.seed, limit=args.limit)
+    loader = build_loader(dataset, args.batch_size, info, args.seed, train=True, num_workers=args.num_workers)
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+
+    model = MaskedAutoencoderViT(config).to(info.device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    start_epoch = 0
+    state = resume_state(args.resume, args.output_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"] + 1
+        if info.is_main:
+            print(f"resumed from epoch {start_epoch} of {args.epochs}", flush=True)
+    ddp = DistributedDataParallel(model) if info.enabled else model
+
+    if info.is_main:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"mae-train: {args.model} ({n_params / 1e6:.2f}M params), {len(dataset)} images, "
+              f"effective batch {eff_batch}, lr {args.lr:.2e}, {info.world_size} process(es) on {info.device}",
+              flush=True)
+    log = MetricsLog(args.output_dir / "metrics.jsonl", info.is_main)
+    preview_imgs = _preview_images(args, config) if args.preview and info.is_main else None
+
+    def step_fn(batch, net, step: int) -> torch.Tensor:
+        imgs = batch[0].to(info.device, non_blocking=True)
+        noise = torch.rand(imgs.shape[0], config.num_patches, generator=step_generator(args.seed, info.rank, step))
+        loss, _, _ = net(imgs, mask_ratio=args.mask_ratio, noise=noise.to(info.device))
+        return loss
+
+    def on_epoch_end(epoch: int, loss: float) -> None:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "scaler": scaler.state_dict() if scaler else None, "args": _jsonable(vars(args)),
+            "config": config.to_dict(), "kind": "mae",
+            "data": {"dataset": args.dataset, "mean": list(dataset.mean), "std": list(dataset.std),
+                     "labels": list(dataset.labels), "train_images": len(dataset)},
+            "metrics": {"train_loss": loss, "epochs": epoch + 1},
+        }
+        last = epoch + 1 == args.epochs
+        if last or (epoch + 1) % args.save_every == 0:
+            write_checkpoint(args.output_dir, "checkpoint-last.pth", state, info)
+        if last:
+            write_checkpoint(args.output_dir, "checkpoint-final.pth", state, info)
+        if preview_imgs is not None:
+            save_preview(model, preview_imgs, args.mask_ratio, args.output_dir / f"preview-{epoch + 1:03d}.png")
+
+    t0 = time.perf_counter()
+    train_epochs(model=ddp, optimizer=optimizer, loader=loader, args=args, info=info, start_epoch=start_epoch,
+                 step_fn=step_fn, log=log, on_epoch_end=on_epoch_end, scaler=scaler)
+    if info.is_main:
+        print(f"mae-train: done in {time.perf_counter() - t0:.0f} s; checkpoint {args.output_dir / 'checkpoint-last.pth'}")
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _preview_images(args: argparse.Namespace, config) -> torch.Tensor:
+    try:
+        ds = build_dataset(args.dataset, "test", config.img_size, config.in_chans, train=False,
+                           root=args.data_path, limit=8)
+    except FileNotFoundError:
+        ds = build_dataset(args.dataset, "train", config.img_size, config.in_chans, train=False,
+                           root=args.data_path, limit=8)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+@torch.no_grad()
+def save_preview(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float, path: Path) -> None:
+    """Rows: original, masked, reconstruction with visible patches pasted (norm-pix: re-scaled per patch)."""
+    model.eval()
+    noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=torch.Generator().manual_seed(0))
+    imgs = imgs.to(next(model.parameters()).device)
+    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise.to(imgs.device))
+    if model.config.norm_pix_loss:
+        target = model.patchify(imgs)
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.config.patch_dim))
+    rec = model.unpatchify(pred)
+    rows = [imgs, imgs * (1 - m), imgs * (1 - m) + rec * m]
+    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # [C, 3H, 8W]
+    lo, hi = grid.amin(), grid.amax()
+    arr = ((grid - lo) / (hi - lo + 1e-8) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(np.ascontiguousarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)).resize(
+        (arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(path)
+    model.train()
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    run_cli(main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    cli()
