@@ -35,8 +35,10 @@ system-deps:
 serve: $(VENV)/.serve-installed
 	$(VENV)/bin/mae-serve --host $(HOST) --port $(PORT)
 
+# pytest's exit 5 (no test ran) is a failure like any other non-zero status.
 test: $(VENV)/.test-installed system-deps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no test ran" >&2; fi; exit $$rc
 
 test-slow: $(VENV)/.test-installed system-deps
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

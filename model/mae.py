@@ -124,7 +124,7 @@ class ViTEncoder(nn.Module):
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.embed_dim), requires_grad=False)
-        rates = [x.item() for x in torch.linspace(0, drop_path_rate, c.depth)]
+        rates = torch.linspace(0, drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.layer_norm_eps, r) for r in rates)
         self.norm = nn.LayerNorm(c.embed_dim, eps=c.layer_norm_eps)
 

@@ -126,3 +126,15 @@ def train_epochs(*, model, optimizer, loader, args, info: DistInfo, start_epoch:
 def write_checkpoint(output_dir: Path, name: str, state: dict[str, Any], info: DistInfo) -> None:
     if info.is_main:
         save_checkpoint(output_dir / name, state)
+
+
+@torch.no_grad()
+def evaluate_top1(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy (%) of a classifier over a loader (all ranks see the whole split)."""
+    model.eval()
+    correct = total = 0
+    for imgs, labels in loader:
+        logits = model(imgs.to(device))
+        correct += (logits.argmax(-1).cpu() == labels).sum().item()
+        total += labels.numel()
+    return 100.0 * correct / max(total, 1)

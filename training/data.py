@@ -187,15 +187,18 @@ class ImageFolder(SeededDataset):
 
 
 def build_dataset(name: str, split: str, img_size: int, in_chans: int, train: bool, root: str | None = None,
-                  seed: int = 0, limit: int | None = None) -> SeededDataset:
-    """`fashion-mnist` (root: the IDX directory) or `imagefolder` (root: the split's parent directory)."""
+                  seed: int = 0, limit: int | None = None, scale: tuple[float, float] = (0.2, 1.0)) -> SeededDataset:
+    """`fashion-mnist` (root: the IDX directory) or `imagefolder` (root: the split's parent directory).
+
+    `train` turns on RandomResizedCrop (area fraction `scale`) and horizontal flips.
+    """
     if name == "fashion-mnist":
-        t = Transform(img_size, FashionMNIST.mean, FashionMNIST.std, train)
+        t = Transform(img_size, FashionMNIST.mean, FashionMNIST.std, train, scale=scale)
         return FashionMNIST(split, t, root, seed, limit)
     if name == "imagefolder":
         if not root:
             raise ValueError("the imagefolder dataset needs --data-path")
         mean, std = (ImageFolder.mean, ImageFolder.std) if in_chans == 3 else ((0.5,), (0.5,))
-        t = Transform(img_size, mean, std, train)
+        t = Transform(img_size, mean, std, train, scale=scale)
         return ImageFolder(Path(root) / split, t, in_chans, seed, limit)
     raise ValueError(f"unknown dataset {name!r} (fashion-mnist, imagefolder)")

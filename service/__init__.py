@@ -1,0 +1,8 @@
+"""The MAE inference service: FastAPI routes, dynamic batching and ONNX Runtime sessions (never torch)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("mae-service")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+source"

@@ -1,0 +1,403 @@
+"""The FastAPI app: routes and HTTP concerns (auth, limits, errors, headers, metrics) around batcher and runtime.
+
+`create_app(settings)` loads and checks the model directory and opens the ONNX Runtime sessions at
+once (a bad directory fails here, with a message naming the file); the lifespan starts the thread
+pools and the warm-up, and on shutdown finishes every accepted request before the pools stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull
+from service.errors import (
+    DeadlineExceeded,
+    InvalidImage,
+    InvalidOption,
+    NotAvailable,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    UnsupportedMediaType,
+    error_response,
+)
+from service.imaging import ImageRejected, ModelImage
+from service.inputs import describe_validation_errors, parse_options, read_request
+from service.masking import MAX_SEED, len_keep, random_masking
+from service.metrics import Metrics
+from service.model_dir import ModelDirError, load_model_dir
+from service.pipelines import MaskedImage, Pipelines
+from service.runtime import Runtime
+from service.schemas import (
+    ClassifyJsonRequest,
+    ClassifyOptions,
+    ClassifyResponse,
+    EmbedJsonRequest,
+    EmbedOptions,
+    EmbedResponse,
+    ErrorResponse,
+    ReconstructJsonRequest,
+    ReconstructOptions,
+    ReconstructResponse,
+    request_body_doc,
+)
+from service.settings import BUNDLED_MODEL_DIR, Settings
+
+log = logging.getLogger("service")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+_REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,200}$")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)
+}
+
+
+class Server:
+    """Per-process state: the model, its sessions, the pools, the batcher, and readiness."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        if settings.model_dir == BUNDLED_MODEL_DIR and not BUNDLED_MODEL_DIR.is_dir():
+            raise ModelDirError(f"{BUNDLED_MODEL_DIR}: the bundled default model is not installed; "
+                                "pass --model-dir or set MAE_MODEL_DIR to a directory written by mae-export")
+        self.model_dir = load_model_dir(settings.model_dir, verify_hashes=settings.verify_hashes)
+        self.metrics = Metrics()
+        self.runtime = Runtime(self.model_dir, settings.device, settings.precision, settings.intra_op_threads,
+                               settings.inter_op_threads, settings.ort_spinning, on_run=self.metrics.ort_run)
+        self.pipelines = Pipelines(self.model_dir, self.runtime, settings.max_image_pixels)
+        self.ready = False
+        self.warmup_error: str | None = None
+        self.batcher: Batcher | None = None
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.metrics.info.labels(self.model_dir.spec.name, self.model_dir.spec.version, self.runtime.device,
+                                 self.runtime.sessions["encoder"].precision).set(1)
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        s = self.settings
+        inference_pool = ThreadPoolExecutor(1, thread_name_prefix="mae-inference")  # one ORT call at a time
+        self.decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="mae-decode")
+        self.batcher = Batcher(inference_pool, s.max_batch_size, s.max_batch_delay_ms / 1000, s.max_queue,
+                               self.metrics)
+        started = time.monotonic()
+        warm_up = asyncio.get_running_loop().run_in_executor(inference_pool, self.runtime.warm_up)
+        warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
+        graphs = ", ".join(f"{g} {d['precision']} on {d['providers'][0]}"
+                           for g, d in self.runtime.describe()["graphs"].items())
+        log.info("model %s %s from %s: %s", self.model_dir.spec.name, self.model_dir.spec.version,
+                 self.model_dir.root, graphs)
+        try:
+            yield
+        finally:
+            await self.batcher.close()  # uvicorn has already waited for the open requests
+            inference_pool.shutdown(wait=True)
+            self.decode_pool.shutdown(wait=True)
+
+    def _warmed_up(self, future: asyncio.Future[None], seconds: float) -> None:
+        if future.cancelled() or future.exception():
+            self.warmup_error = repr(future.exception()) if not future.cancelled() else "cancelled"
+            log.error("warm-up failed, staying unready: %s", self.warmup_error)
+            return
+        self.ready = True
+        log.info("warm-up done in %.2f s; providers in use: %s", seconds,
+                 {g: d["providers"] for g, d in self.runtime.describe()["graphs"].items()})
+
+    def queue(self, key: str, run_batch: Callable[[list[Any]], list[Any]], label: str) -> BatchQueue:
+        assert self.batcher is not None, "the app's lifespan has not started"
+        try:
+            return self.batcher.queue(key, run_batch, label)
+        except QueueClosed as e:
+            raise NotReady(str(e), {"Retry-After": "1"}) from e
+
+    def _load(self, data: bytes, index: int) -> ModelImage:
+        try:
+            return self.pipelines.load(data)
+        except ImageRejected as e:
+            error = {"unsupported": UnsupportedMediaType, "too_large": PayloadTooLarge}.get(e.kind, InvalidImage)
+            raise error(f"image {index}: {e}") from e
+
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU work (decoding, PNG encoding) in the decode pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    async def infer(self, request: Request, queue: BatchQueue, images: list[bytes],
+                    payload: Callable[[ModelImage], Any] = lambda image: image) -> tuple[list[Any], list[Any]]:
+        """Reserve queue room, decode the images in the pool, run them through the queue: (payloads, results)."""
+        deadline = request.state.t0 + self.settings.request_timeout_s
+        timing = BatchTiming()
+        request.state.timing = timing
+        try:
+            with queue.reserve(len(images)) as reservation:
+                decoded = await asyncio.gather(*(self.offload(self._load, data, i) for i, data in enumerate(images)))
+                payloads = [payload(image) for image in decoded]
+                results = await reservation.submit(payloads, deadline, timing)
+        except QueueFull as e:
+            raise Overloaded(f"{e}; retry later", self.settings.queue_full_status, e.retry_after_s) from e
+        except QueueClosed as e:
+            raise NotReady(str(e), {"Retry-After": "1"}) from e
+        except DeadlineExpired as e:
+            raise DeadlineExceeded(f"{e} (request timeout {self.settings.request_timeout_s} s)") from e
+        self.metrics.images.labels(request.url.path).inc(len(images))
+        return payloads, results
+
+    def require(self, graph: str, route: str) -> None:
+        if not self.runtime.has(graph):
+            raise NotAvailable(f"{route} needs a {graph} graph, and model {self.model_dir.spec.name} has none")
+
+    def info(self) -> dict[str, Any]:
+        spec, s = self.model_dir.spec, self.settings
+        return {
+            "version": __version__,
+            "ready": self.ready,
+            "model": spec.model_dump(mode="json", exclude={"files", "verification"}),
+            "runtime": self.runtime.describe(),
+            "routes": {"embed": True, "reconstruct": self.runtime.has("decoder"),
+                       "classify": self.runtime.has("classifier")},
+            "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
+                         "max_queue": s.max_queue, "queue_full_status": s.queue_full_status,
+                         "request_timeout_s": s.request_timeout_s},
+            "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
+                       "max_image_pixels": s.max_image_pixels},
+            "auth": bool(s.api_keys),
+        }
+
+
+class RequestContext:
+    """ASGI middleware: request id, body limit, timing headers, request metrics."""
+
+    def __init__(self, app: ASGIApp, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.monotonic()
+        headers = dict(scope["headers"])
+        given_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given_id if _REQUEST_ID.match(given_id) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state.update(t0=t0, timing=None)
+        status = 500
+        metrics = self.server.metrics
+        limit = self.server.settings.max_body_bytes
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                h = MutableHeaders(scope=message)
+                h["X-Request-ID"] = request_id
+                h["X-Total-Time-Ms"] = f"{(time.monotonic() - t0) * 1000:.3f}"
+                timing: BatchTiming | None = state.get("timing")
+                if timing is not None and timing.batch_sizes:
+                    h["X-Queue-Time-Ms"] = f"{timing.queue_s * 1000:.3f}"
+                    h["X-Inference-Time-Ms"] = f"{timing.compute_s * 1000:.3f}"
+            await send(message)
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
+            return message
+
+        metrics.in_flight.inc()
+        try:
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > limit:
+                metrics.rejections.labels(PayloadTooLarge.type).inc()
+                response = error_response(413, PayloadTooLarge.type,
+                                          f"request body of {int(length)} bytes is over the limit of {limit} bytes")
+                await response(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive_limited, send_with_headers)
+        finally:
+            metrics.in_flight.dec()
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            metrics.requests.labels(label, str(status)).inc()
+            metrics.request_seconds.labels(label).observe(time.monotonic() - t0)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for one process; raises ModelDirError or RuntimeConfigError when the model cannot be served."""
+    settings = settings or Settings()
+    server = Server(settings)
+    app = FastAPI(title="MAE service", version=__version__, lifespan=server.lifespan,
+                  description="Embeddings, reconstructions and labels from a Masked Autoencoder (ONNX Runtime).")
+    app.state.server = server
+    _install_error_handlers(app, server)
+    app.add_middleware(RequestContext, server=server)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-Queue-Time-Ms", "X-Inference-Time-Ms",
+                                           "X-Total-Time-Ms", "X-Seed"])
+    auth = _auth_dependency(settings.api_keys)
+    pipelines, spec = server.pipelines, server.model_dir.spec
+
+    @app.post("/embed", response_model=EmbedResponse, responses=_ERRORS, dependencies=[auth],
+              openapi_extra=request_body_doc(EmbedJsonRequest, EmbedOptions))
+    async def embed(request: Request) -> JSONResponse:
+        """Embeddings of whole images (the encoder on every patch)."""
+        images, raw = await read_request(request, settings.max_images_per_request, settings.max_body_bytes)
+        options = parse_options(EmbedOptions, raw)
+        pooling = options.pooling or spec.embedding.default_pooling
+        queue = server.queue("encoder", pipelines.embed_batch, "encoder")
+        _, latents = await server.infer(request, queue, images)
+        vectors = [pipelines.pool(latent, pooling, options.normalize) for latent in latents]
+        return JSONResponse({
+            "model": spec.name, "dim": int(vectors[0].shape[0]), "pooling": pooling,
+            "normalized": options.normalize, "encoding_format": options.encoding_format,
+            "data": [{"index": i, "embedding": pipelines.encode_embedding(v, options.encoding_format)}
+                     for i, v in enumerate(vectors)],
+            "usage": {"images": len(vectors)},
+        })
+
+    @app.post("/reconstruct", response_model=ReconstructResponse, responses={
+        **_ERRORS, 200: {"content": {"image/png": {}}, "description": "PNG panel, or JSON with response_format=json"}},
+        dependencies=[auth], openapi_extra=request_body_doc(ReconstructJsonRequest, ReconstructOptions))
+    async def reconstruct_images(request: Request) -> Response:
+        """Mask each image (seeded), encode the visible patches, decode, and show or score the result."""
+        server.require("decoder", "/reconstruct")
+        images, raw = await read_request(request, settings.max_images_per_request, settings.max_body_bytes)
+        options = parse_options(ReconstructOptions, raw)
+        a = spec.architecture
+        keep = len_keep(a.num_patches, options.mask_ratio)
+        if keep < 1:
+            raise InvalidOption(f"mask_ratio {options.mask_ratio} leaves no visible patch out of {a.num_patches}")
+        seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        masking = random_masking(a.num_patches, options.mask_ratio, seed)
+        queue = server.queue(f"reconstruct/K={keep}", pipelines.reconstruct_batch, "encoder+decoder")
+        items, preds = await server.infer(request, queue, images, lambda image: MaskedImage(image, masking))
+        if options.response_format == "png":
+            png = await server.offload(pipelines.reconstruct_png, items, preds)
+            return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
+        data = await server.offload(pipelines.reconstruct_json, items, preds)
+        return JSONResponse({
+            "model": spec.name, "seed": seed, "mask_ratio": options.mask_ratio, "norm_pix_loss": spec.norm_pix_loss,
+            "denormalized_with_target_stats": spec.norm_pix_loss,
+            "grid": {"rows": a.grid_size, "cols": a.grid_size, "patch_size": a.patch_size,
+                     "num_patches": a.num_patches, "num_visible": keep},
+            "data": data, "usage": {"images": len(data)},
+        }, headers={"X-Seed": str(seed)})
+
+    @app.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, dependencies=[auth],
+              openapi_extra=request_body_doc(ClassifyJsonRequest, ClassifyOptions))
+    async def classify(request: Request) -> JSONResponse:
+        """Top-k labels with softmax scores from the classifier graph."""
+        server.require("classifier", "/classify")
+        images, raw = await read_request(request, settings.max_images_per_request, settings.max_body_bytes)
+        options = parse_options(ClassifyOptions, raw)
+        queue = server.queue("classifier", pipelines.classify_batch, "classifier")
+        _, logits = await server.infer(request, queue, images)
+        k = min(options.top_k, len(pipelines.labels))
+        return JSONResponse({
+            "model": spec.name,
+            "data": [{"index": i, "predictions": pipelines.top_k(row, k)} for i, row in enumerate(logits)],
+            "usage": {"images": len(logits)},
+        })
+
+    @app.get("/info", dependencies=[auth])
+    async def info() -> dict[str, Any]:
+        """Model card, graphs with their precision and providers in use, batching settings and limits."""
+        return server.info()
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get("/health/ready", responses={503: {"model": ErrorResponse}})
+    async def ready() -> Response:
+        if server.ready:
+            return JSONResponse({"status": "ready"})
+        reason = f"warm-up failed: {server.warmup_error}" if server.warmup_error else "warming up"
+        return error_response(503, NotReady.type, reason, {"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def demo() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/samples", include_in_schema=False)
+    async def samples() -> list[dict[str, str]]:
+        """The bundled demo images, by name."""
+        return [{"name": p.stem, "url": f"/samples/{p.name}"} for p in sorted(SAMPLES_DIR.glob("*.png"))]
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if SAMPLES_DIR.is_dir():
+        app.mount("/samples", StaticFiles(directory=SAMPLES_DIR), name="samples")
+    return app
+
+
+def _auth_dependency(keys: list[str]) -> Any:
+    """A dependency that checks `Authorization: Bearer <key>` when keys are configured."""
+    bearer = HTTPBearer(auto_error=False, description="one of MAE_API_KEYS (only when configured)")
+    encoded = [k.encode() for k in keys]
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not encoded:
+            return
+        given = credentials.credentials.encode() if credentials else b""
+        if not any(hmac.compare_digest(given, key) for key in encoded):
+            raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               {"WWW-Authenticate": "Bearer"})
+
+    return Depends(check)
+
+
+def _install_error_handlers(app: FastAPI, server: Server) -> None:
+    """Every error leaves in the `{"error": {"type", "message"}}` envelope; client errors are counted by type."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        server.metrics.rejections.labels(exc.type).inc()
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        server.metrics.rejections.labels("invalid_option").inc()
+        return error_response(422, "invalid_option", describe_validation_errors(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return error_response(500, "internal_error", "internal server error (a bug): see the server log")

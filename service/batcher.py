@@ -1,0 +1,249 @@
+"""Dynamic batching: bounded queues whose workers gather items into batches and run them off the event loop.
+
+Knows nothing about HTTP or models: a queue holds opaque payloads and calls a synchronous
+`run_batch(payloads) -> results` in an executor. A caller first *reserves* room (refused at once
+when the queue is full), prepares its payloads, then submits them. A batch that already has
+company waits up to `max_delay_s` for items whose callers hold a reservation (they are being
+prepared right now); a lone item, with nobody else on the way, runs at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+RunBatch = Callable[[list[Any]], Sequence[Any]]
+
+
+class QueueFull(Exception):
+    """No room for the request; retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExpired(Exception):
+    """The item's deadline passed before its batch ran; it was not computed."""
+
+
+class QueueClosed(Exception):
+    """The queue is draining for shutdown and takes no new work."""
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def batch(self, queue: str, size: int, queue_seconds: list[float]) -> None:
+        """A batch of `size` items starts; each waited the given seconds in the queue."""
+
+    def depth(self, queue: str, delta: int) -> None:
+        """Items waiting in `queue` changed by `delta`."""
+
+    def expired(self, queue: str, count: int) -> None:
+        """`count` items were dropped before compute because their deadline passed."""
+
+
+@dataclass
+class BatchTiming:
+    """Per request: the longest queue wait and the compute time of the batches its items ran in."""
+
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Item:
+    payload: Any
+    deadline: float  # time.monotonic()
+    future: asyncio.Future[Any]
+    enqueued: float = 0.0
+    running: bool = False
+    dropped: bool = False
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_size: int = 0
+
+
+class BatchQueue:
+    """One queue (one graph and input shape) with one worker task."""
+
+    def __init__(self, name: str, run_batch: RunBatch, executor: Executor, max_batch_size: int, max_delay_s: float,
+                 max_queue: int, observer: BatchObserver | None = None):
+        self.name, self.run_batch, self.executor = name, run_batch, executor
+        self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
+        self.observer = observer or BatchObserver()
+        self.pending: deque[_Item] = deque()
+        self.reserved = 0  # items promised by callers that are still preparing them
+        self.closed = False
+        self._wakeup = asyncio.Event()
+        self._batch_seconds = 0.0  # moving average, for Retry-After
+        self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher:{name}")
+
+    # -- callers ---------------------------------------------------------------------------------------
+
+    def reserve(self, count: int) -> Reservation:
+        """Room for `count` items, or QueueFull at once (nothing is prepared for a refused request)."""
+        if self.closed:
+            raise QueueClosed(f"the {self.name} queue is shutting down")
+        waiting = self.reserved + len(self.pending)
+        if waiting and waiting + count > self.max_queue:  # an empty queue takes any request
+            raise QueueFull(f"the {self.name} queue is full ({self.max_queue} images waiting)", self.retry_after())
+        self.reserved += count
+        return Reservation(self, count)
+
+    def retry_after(self) -> int:
+        """Whole seconds until the current backlog should have run, at least 1."""
+        batches = (self.reserved + len(self.pending)) / self.max_batch_size
+        return max(1, math.ceil(batches * self._batch_seconds))
+
+    async def _submit(self, payloads: Sequence[Any], deadline: float, timing: BatchTiming) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = [_Item(payload=p, deadline=deadline, future=loop.create_future(), enqueued=now) for p in payloads]
+        if deadline <= now:
+            raise DeadlineExpired("the request's deadline passed before it was queued")
+        self.pending.extend(items)
+        self.observer.depth(self.name, len(items))
+        self._wakeup.set()
+        done = asyncio.gather(*(i.future for i in items))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            waiting = [i for i in items if not i.running and not i.future.done()]
+            if waiting:
+                self._drop(waiting)
+                done.cancel()
+                raise DeadlineExpired("the request's deadline passed while it waited in the queue") from None
+            await done  # already computing: the answer is on its way
+        timing.queue_s = max(timing.queue_s, max(i.queue_s for i in items))
+        timing.compute_s = max(timing.compute_s, max(i.compute_s for i in items))
+        timing.batch_sizes.extend(sorted({i.batch_size for i in items}))
+        return [i.future.result() for i in items]
+
+    def _drop(self, items: list[_Item]) -> None:
+        for item in items:
+            item.dropped = True  # the worker skips it if it already took it into a forming batch
+            if item in self.pending:
+                self.pending.remove(item)
+                self.observer.depth(self.name, -1)
+        self.observer.expired(self.name, len(items))
+
+    # -- worker ----------------------------------------------------------------------------------------
+
+    def _take(self, batch: list[_Item], now: float) -> None:
+        while self.pending and len(batch) < self.max_batch_size:
+            item = self.pending.popleft()
+            self.observer.depth(self.name, -1)
+            if item.deadline <= now:
+                item.dropped = True
+                self.observer.expired(self.name, 1)
+                item.future.set_exception(DeadlineExpired("the request's deadline passed before its batch ran"))
+            else:
+                batch.append(item)
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.pending:
+                if self.closed and not self.reserved:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch: list[_Item] = []
+            self._take(batch, time.monotonic())
+            if batch and self.max_delay_s > 0:
+                window_end = batch[0].enqueued + self.max_delay_s
+                # Wait only for items that are known to be on their way; never for a lone request.
+                while len(batch) < self.max_batch_size and self.reserved and time.monotonic() < window_end:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=window_end - time.monotonic())
+                    except TimeoutError:
+                        break
+                    self._take(batch, time.monotonic())
+                batch = [i for i in batch if not i.dropped]
+            if not batch:
+                continue
+            start = time.monotonic()
+            for item in batch:
+                item.running = True
+                item.queue_s = start - item.enqueued
+                item.batch_size = len(batch)
+            self.observer.batch(self.name, len(batch), [i.queue_s for i in batch])
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, [i.payload for i in batch])
+            except Exception as e:  # a failed batch fails its requests, not the worker
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+                continue
+            elapsed = time.monotonic() - start
+            self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
+            for item, result in zip(batch, results, strict=True):
+                item.compute_s = elapsed
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    async def close(self) -> None:
+        """Take no new reservations, finish everything accepted, then stop the worker."""
+        self.closed = True
+        self._wakeup.set()
+        await self._task
+
+
+class Reservation:
+    """Room held in a queue for a request's items while the caller prepares them."""
+
+    def __init__(self, queue: BatchQueue, count: int):
+        self.queue, self.count, self.open = queue, count, True
+
+    def release(self) -> None:
+        if self.open:
+            self.open = False
+            self.queue.reserved -= self.count
+            self.queue._wakeup.set()  # a batch waiting for these items should stop waiting
+
+    async def submit(self, payloads: Sequence[Any], deadline: float, timing: BatchTiming) -> list[Any]:
+        """Queue the prepared payloads and wait for their results (DeadlineExpired when too late)."""
+        if len(payloads) != self.count:
+            raise ValueError(f"reserved {self.count} items, submitted {len(payloads)}")
+        self.release()  # and enqueue in the same step of the event loop: the worker sees both at once
+        return await self.queue._submit(payloads, deadline, timing)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Batcher:
+    """The queues of one server, created on first use by key (e.g. `encoder`, `reconstruct/K=12`)."""
+
+    def __init__(self, executor: Executor, max_batch_size: int, max_delay_s: float, max_queue: int,
+                 observer: BatchObserver | None = None):
+        self.executor = executor
+        self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
+        self.observer = observer
+        self.queues: dict[str, BatchQueue] = {}
+        self.closed = False
+
+    def queue(self, key: str, run_batch: RunBatch, label: str | None = None) -> BatchQueue:
+        if key not in self.queues:
+            if self.closed:
+                raise QueueClosed("the server is shutting down")
+            self.queues[key] = BatchQueue(label or key, run_batch, self.executor, self.max_batch_size,
+                                          self.max_delay_s, self.max_queue, self.observer)
+        return self.queues[key]
+
+    async def close(self) -> None:
+        self.closed = True
+        await asyncio.gather(*(q.close() for q in self.queues.values()))

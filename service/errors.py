@@ -1,0 +1,72 @@
+"""The error envelope `{"error": {"type", "message"}}`: one exception class per client-visible failure."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+
+class ServiceError(Exception):
+    """A failure answered with `status` and the JSON error envelope (and optional headers)."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.type, self.message, self.headers)
+
+
+class InvalidBody(ServiceError):
+    status, type = 400, "invalid_body"
+
+
+class InvalidImage(ServiceError):
+    status, type = 400, "invalid_image"
+
+
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+
+class NotFound(ServiceError):
+    status, type = 404, "not_found"
+
+
+class NotAvailable(ServiceError):
+    status, type = 404, "not_available"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, type = 415, "unsupported_media_type"
+
+
+class InvalidOption(ServiceError):
+    status, type = 422, "invalid_option"
+
+
+class Overloaded(ServiceError):
+    type = "overloaded"
+
+    def __init__(self, message: str, status: int, retry_after_s: int):
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+        self.status = status
+
+
+class NotReady(ServiceError):
+    status, type = 503, "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, type = 504, "deadline_exceeded"
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)

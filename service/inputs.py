@@ -1,0 +1,100 @@
+"""Reading a request: image bytes from multipart files or JSON base64 / data URIs, options from body and query."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from service.errors import InvalidBody, InvalidImage, InvalidOption, PayloadTooLarge, UnsupportedMediaType
+
+IMAGE_FIELDS = ("image", "images")
+_DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+def decode_base64_image(text: str, index: int) -> bytes:
+    """A base64 string or `data:<type>;base64,` URI -> bytes (400 when it is not base64)."""
+    match = _DATA_URI.match(text)
+    if match:
+        text = text[match.end():]
+    elif text.startswith("data:"):
+        raise InvalidImage(f"image {index}: data URIs must be base64 (data:<type>;base64,<data>)")
+    try:
+        data = base64.b64decode(_WHITESPACE.sub("", text), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidImage(f"image {index}: not valid base64 ({e})") from e
+    if not data:
+        raise InvalidImage(f"image {index}: empty")
+    return data
+
+
+async def read_request(request: Request, max_images: int, max_body_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
+    """(image bytes in order, raw options) from a multipart, url-encoded or JSON request plus its query."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    options: dict[str, Any] = dict(request.query_params)
+    images: list[bytes | str] = []
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_files=max_images, max_fields=max_images + 64, max_part_size=max_body_bytes)
+        except HTTPException as e:
+            if "Too many files" in str(e.detail):
+                raise PayloadTooLarge(f"more than {max_images} image files in one request") from e
+            raise InvalidBody(f"malformed form body: {e.detail}") from e
+        for key, value in form.multi_items():
+            if key in IMAGE_FIELDS:
+                images.append(await value.read() if isinstance(value, UploadFile) else value)
+            elif isinstance(value, UploadFile):
+                raise InvalidOption(f"unexpected file field {key!r} (send images as 'image')")
+            elif value != "":  # an empty form field means "not given"
+                options[key] = value
+    elif content_type == "application/json" or content_type.endswith("+json"):
+        try:
+            body = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidBody(f"request body is not valid JSON ({e})") from e
+        if not isinstance(body, dict):
+            raise InvalidBody("the JSON body must be an object, e.g. {\"image\": \"<base64>\"}")
+        for key in IMAGE_FIELDS:
+            value = body.pop(key, None)
+            if isinstance(value, str):
+                images.append(value)
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                images.extend(value)
+            elif value is not None:
+                raise InvalidOption(f"'{key}' must be a base64 string or a list of them")
+        options.update({k: v for k, v in body.items() if v is not None})
+    else:
+        raise UnsupportedMediaType(f"content type {content_type or '(none)'!r} is not supported: send "
+                                   "multipart/form-data with 'image' files or application/json with base64 'images'")
+    if not images:
+        raise InvalidOption("no image: send a multipart 'image' file or a JSON 'image' / 'images' field")
+    if len(images) > max_images:
+        raise PayloadTooLarge(f"{len(images)} images in one request, over the limit of {max_images}")
+    return [v if isinstance(v, bytes) else decode_base64_image(v, i) for i, v in enumerate(images)], options
+
+
+def parse_options(model: type[OptionsT], raw: dict[str, Any]) -> OptionsT:
+    """Validate raw options (strings from forms and queries are converted), 422 with every problem named."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidOption(describe_validation_errors(e.errors())) from e
+
+
+def describe_validation_errors(errors: Any) -> str:
+    """Pydantic / FastAPI error list -> one readable line."""
+    parts = []
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query")) or "request"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)

@@ -1,0 +1,57 @@
+"""Prometheus metrics (prefix `mae_`), one registry per app so that several apps can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.batcher import BatchObserver
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics(BatchObserver):
+    """Request, queue, batch and inference metrics; also the batcher's observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mae_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.request_seconds = Histogram("mae_request_duration_seconds", "HTTP request duration", ["route"],
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("mae_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.images = Counter("mae_images", "images processed by route", ["route"], registry=r)
+        self.rejections = Counter("mae_rejections", "requests refused, by reason (the error type)", ["reason"],
+                                  registry=r)
+        self.dropped = Counter("mae_dropped_images", "images dropped before compute: deadline passed in the queue",
+                               ["queue"], registry=r)
+        self.queue_seconds = Histogram("mae_queue_duration_seconds", "time an image waited for its batch",
+                                       ["queue"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("mae_batch_size", "images per batch", ["queue"], buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_depth = Gauge("mae_queue_depth", "images waiting for a batch", ["queue"], registry=r)
+        self.ort_runs = Counter("mae_ort_runs", "ONNX Runtime session runs by graph", ["graph"], registry=r)
+        self.inference_seconds = Histogram("mae_inference_duration_seconds", "ONNX Runtime run duration by graph",
+                                           ["graph"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.info = Gauge("mae_model_info", "the loaded model (value 1)", ["name", "version", "device", "precision"],
+                          registry=r)
+
+    # BatchObserver
+    def batch(self, queue: str, size: int, queue_seconds: list[float]) -> None:
+        self.batch_size.labels(queue).observe(size)
+        for seconds in queue_seconds:
+            self.queue_seconds.labels(queue).observe(seconds)
+
+    def depth(self, queue: str, delta: int) -> None:
+        self.queue_depth.labels(queue).inc(delta)
+
+    def expired(self, queue: str, count: int) -> None:
+        self.dropped.labels(queue).inc(count)
+
+    # Runtime observer
+    def ort_run(self, graph: str, batch: int, seconds: float) -> None:
+        self.ort_runs.labels(graph).inc()
+        self.inference_seconds.labels(graph).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

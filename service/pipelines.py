@@ -1,0 +1,110 @@
+"""What each route computes around the runtime: batch functions (inference thread) and their decoding/encoding.
+
+The batch functions take the payloads of one batch and return one result per payload; the rest
+turns those results into response values. No HTTP and no queues here.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.imaging import ModelImage, encode_png, enlarge, load_model_image, panel, to_uint8
+from service.masking import Masking
+from service.model_dir import ModelDir
+from service.reconstruction import Reconstruction, reconstruct
+from service.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class MaskedImage:
+    """A reconstruct payload: the image and its mask."""
+
+    image: ModelImage
+    masking: Masking
+
+
+class Pipelines:
+    """Model-specific steps of /embed, /reconstruct and /classify."""
+
+    def __init__(self, model_dir: ModelDir, runtime: Runtime, max_image_pixels: int):
+        self.spec = model_dir.spec
+        self.runtime = runtime
+        self.max_image_pixels = max_image_pixels
+        num_classes = len(self.spec.labels) if self.spec.labels else 0
+        self.labels = self.spec.labels or [f"class_{i}" for i in range(num_classes)]
+
+    def load(self, data: bytes) -> ModelImage:
+        return load_model_image(data, self.spec.preprocessing, self.max_image_pixels)
+
+    # -- batch functions (inference thread) --------------------------------------------------------------
+
+    def embed_batch(self, images: list[ModelImage]) -> list[np.ndarray]:
+        """Full-image latents [1+L, D], one per image."""
+        latent = self.runtime.encode(np.stack([i.pixels for i in images]), self.runtime.all_patches(len(images)))
+        return list(latent)
+
+    def reconstruct_batch(self, items: list[MaskedImage]) -> list[np.ndarray]:
+        """Decoder predictions [L, p*p*C], one per image (all items of a batch share K)."""
+        pixels = np.stack([i.image.pixels for i in items])
+        latent = self.runtime.encode(pixels, np.stack([i.masking.ids_keep for i in items]))
+        return list(self.runtime.decode(latent, np.stack([i.masking.ids_restore for i in items])))
+
+    def classify_batch(self, images: list[ModelImage]) -> list[np.ndarray]:
+        """Logits [num_classes], one per image."""
+        return list(self.runtime.classify(np.stack([i.pixels for i in images])))
+
+    # -- results -> response values ----------------------------------------------------------------------
+
+    @staticmethod
+    def pool(latent: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+        """latent [1+L, D] -> float32 embedding: cls token, mean of patch tokens, or both concatenated."""
+        if pooling == "cls":
+            vector = latent[0]
+        elif pooling == "mean":
+            vector = latent[1:].mean(axis=0)
+        else:
+            vector = np.concatenate([latent[0], latent[1:].mean(axis=0)])
+        vector = vector.astype(np.float32)
+        if normalize:
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return vector.astype(np.float32)
+
+    @staticmethod
+    def encode_embedding(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        return vector.tolist()
+
+    def top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """Softmax over the logits, the k most probable classes first."""
+        z = logits.astype(np.float64) - float(np.max(logits))
+        probs = np.exp(z) / np.exp(z).sum()
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [{"label": self.labels[i], "class_id": int(i), "score": float(probs[i])} for i in order]
+
+    def reconstruction(self, item: MaskedImage, pred: np.ndarray) -> Reconstruction:
+        return reconstruct(item.image.rgb, pred, item.masking.mask, self.spec.preprocessing,
+                           self.spec.architecture.patch_size, self.spec.norm_pix_loss)
+
+    def reconstruct_png(self, items: list[MaskedImage], preds: list[np.ndarray]) -> bytes:
+        """One row per image: original | masked | reconstruction | pasted, enlarged when small."""
+        rows = []
+        for item, pred in zip(items, preds, strict=True):
+            r = self.reconstruction(item, pred)
+            rows.append([enlarge(to_uint8(x)) for x in (r.original, r.masked, r.reconstruction, r.pasted)])
+        return encode_png(panel(rows))
+
+    def reconstruct_json(self, items: list[MaskedImage], preds: list[np.ndarray]) -> list[dict[str, Any]]:
+        """Per image: the mask, the errors and the four pictures as base64 PNG at the model's resolution."""
+        out = []
+        for index, (item, pred) in enumerate(zip(items, preds, strict=True)):
+            r = self.reconstruction(item, pred)
+            pictures = {name: base64.b64encode(encode_png(to_uint8(getattr(r, name)))).decode("ascii")
+                        for name in ("original", "masked", "reconstruction", "pasted")}
+            out.append({"index": index, "mask": item.masking.mask.tolist(), "mse_masked": r.mse_masked,
+                        "mse_masked_pixels": r.mse_masked_pixels, "images": pictures})
+        return out

@@ -1,0 +1,74 @@
+"""From the decoder's `pred` back to pictures: patchify in numpy, undo the target normalization, score, composite.
+
+`pred` lives in the space of the training target: normalized pixels, or, for `norm_pix_loss` models,
+per-patch standardized normalized pixels. Turning the latter back into pixels needs each patch's
+mean and std, which for a masked patch come from the original image (the target): a leak that the
+response states as `denormalized_with_target_stats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.model_dir import Preprocessing
+
+NORM_PIX_EPS = 1e-6  # as in the training loss: (target - mean) / sqrt(var + eps)
+MASKED_GRAY = 0.5  # value painted over removed patches in the "masked" picture
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The four pictures (float [C, H, W] in [0, 1]) and the errors on the removed patches."""
+
+    original: np.ndarray
+    masked: np.ndarray
+    reconstruction: np.ndarray
+    pasted: np.ndarray  # reconstruction with the visible patches of the original pasted back
+    mse_masked: float  # in the training target's space (the model's loss on this image)
+    mse_masked_pixels: float  # in [0, 1] pixel space, on the pictures as shown
+
+
+def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """[C, H, W] -> [L, p*p*C], each patch ordered (row, col, channel) as the model's patchify."""
+    c, h, w = image.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = image.reshape(c, gh, patch_size, gw, patch_size)
+    return x.transpose(1, 3, 2, 4, 0).reshape(gh * gw, patch_size * patch_size * c)
+
+
+def unpatchify(patches: np.ndarray, patch_size: int, channels: int) -> np.ndarray:
+    """[L, p*p*C] -> [C, H, W] for a square grid."""
+    grid = int(round(patches.shape[0] ** 0.5))
+    x = patches.reshape(grid, grid, patch_size, patch_size, channels)
+    return x.transpose(4, 0, 2, 1, 3).reshape(channels, grid * patch_size, grid * patch_size)
+
+
+def reconstruct(rgb: np.ndarray, pred: np.ndarray, mask: np.ndarray, prep: Preprocessing, patch_size: int,
+                norm_pix_loss: bool) -> Reconstruction:
+    """rgb uint8 [H, W, C] (the model input as shown), pred [L, p*p*C], mask [L] (1 = removed)."""
+    channels = rgb.shape[2]
+    mean = np.asarray(prep.mean, dtype=np.float64).reshape(-1, 1, 1)
+    std = np.asarray(prep.std, dtype=np.float64).reshape(-1, 1, 1)
+    original = rgb.transpose(2, 0, 1).astype(np.float64) / 255.0  # [C, H, W]
+    target = patchify((original - mean) / std, patch_size)  # [L, p*p*C], normalized pixels
+    pred = pred.astype(np.float64)
+    if norm_pix_loss:
+        patch_mean = target.mean(axis=-1, keepdims=True)
+        patch_std = np.sqrt(target.var(axis=-1, ddof=1, keepdims=True) + NORM_PIX_EPS)
+        loss_target = (target - patch_mean) / patch_std
+        pred_pixels = pred * patch_std + patch_mean
+    else:
+        loss_target, pred_pixels = target, pred
+    removed = mask.astype(bool)
+    mse_masked = float(((pred - loss_target) ** 2).mean(axis=-1)[removed].mean())
+
+    reconstruction = np.clip(unpatchify(pred_pixels, patch_size, channels) * std + mean, 0.0, 1.0)
+    pixel_mask = unpatchify(np.repeat(mask.astype(np.float64)[:, None], target.shape[1], axis=1),
+                            patch_size, channels)  # [C, H, W], 1 on removed patches
+    masked = original * (1 - pixel_mask) + MASKED_GRAY * pixel_mask
+    pasted = original * (1 - pixel_mask) + reconstruction * pixel_mask
+    mse_pixels = float(((reconstruction - original) ** 2)[pixel_mask.astype(bool)].mean())
+    return Reconstruction(original=original, masked=masked, reconstruction=reconstruction, pasted=pasted,
+                          mse_masked=mse_masked, mse_masked_pixels=mse_pixels)

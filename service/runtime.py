@@ -1,0 +1,144 @@
+"""ONNX Runtime sessions for one model directory: device and precision choice, warm-up, batched calls.
+
+Knows nothing about queues or HTTP: it takes stacked numpy batches and returns numpy outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.masking import len_keep
+from service.model_dir import ModelDir, check_session_io
+
+log = logging.getLogger("service.runtime")
+
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+WARMUP_MASK_RATIO = 0.75
+
+RunObserver = Callable[[str, int, float], None]  # (graph, batch size, seconds) after each ORT run
+
+
+class RuntimeConfigError(RuntimeError):
+    """The requested device or precision cannot be served with this ONNX Runtime build or model directory."""
+
+
+@dataclass(frozen=True)
+class GraphSession:
+    graph: str
+    precision: str
+    path: str
+    session: ort.InferenceSession
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+
+def _provider_list(device: str, precision: str) -> list[Any]:
+    """Providers to ask for, best first; `auto` asks for CUDA only when this build lists it."""
+    if device == "tensorrt":
+        return [(TENSORRT, {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True}), CUDA, CPU]
+    if device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers()):
+        return [CUDA, CPU]
+    return [CPU]
+
+
+class Runtime:
+    """The encoder, and the decoder and classifier when the model directory has them."""
+
+    def __init__(self, model_dir: ModelDir, device: str = "auto", precision: str = "fp32",
+                 intra_op_threads: int = 0, inter_op_threads: int = 1, spinning: bool = False,
+                 on_run: RunObserver | None = None):
+        self.model_dir = model_dir
+        self.arch = model_dir.spec.architecture
+        self.on_run = on_run
+        self.requested_device = device
+        if device in ("cuda", "tensorrt"):
+            need = CUDA if device == "cuda" else TENSORRT
+            if need not in ort.get_available_providers():
+                raise RuntimeConfigError(f"device {device} needs {need}, but this onnxruntime build has "
+                                         f"{ort.get_available_providers()} (install onnxruntime-gpu)")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        # Spinning threads would take the cores that the event loop needs to parse the next requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+        self.sessions = {graph: self._open(graph, device, precision, options)
+                         for graph in ("encoder", "decoder", "classifier") if model_dir.has(graph)}
+        providers = self.sessions["encoder"].providers
+        self.device = "tensorrt" if TENSORRT in providers else "cuda" if CUDA in providers else "cpu"
+
+    def _open(self, graph: str, device: str, precision: str, options: ort.SessionOptions) -> GraphSession:
+        available = self.model_dir.precisions(graph)
+        chosen = precision if precision in available else "fp32"
+        if chosen != precision:
+            if graph == "encoder":
+                raise RuntimeConfigError(f"{self.model_dir.root}: no {precision} variant of the encoder "
+                                         f"(available: {', '.join(available)})")
+            log.warning("no %s variant of the %s graph; using fp32", precision, graph)
+        spec = self.model_dir.file(graph, chosen)
+        path = str(self.model_dir.root / spec.path)
+        session = ort.InferenceSession(path, sess_options=options, providers=_provider_list(device, chosen))
+        got = session.get_providers()
+        if (device == "cuda" and CUDA not in got) or (device == "tensorrt" and TENSORRT not in got):
+            raise RuntimeConfigError(f"{path}: asked for {device} but the session only got {got}")
+        if device == "auto" and CUDA in ort.get_available_providers() and CUDA not in got:
+            log.warning("%s: CUDA is listed but the session did not get it; running on %s", path, got)
+        check_session_io(spec, session)
+        return GraphSession(graph=graph, precision=chosen, path=path, session=session)
+
+    def has(self, graph: str) -> bool:
+        return graph in self.sessions
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        start = time.perf_counter()
+        (out,) = self.sessions[graph].session.run(None, feeds)
+        if self.on_run:
+            self.on_run(graph, len(next(iter(feeds.values()))), time.perf_counter() - start)
+        return out
+
+    def encode(self, pixels: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
+        """pixels [B, C, H, W] float32, ids_keep [B, K] int64 -> latent [B, 1+K, D]."""
+        return self._run("encoder", {"pixels": pixels, "ids_keep": ids_keep})
+
+    def decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
+        """latent [B, 1+K, D], ids_restore [B, L] int64 -> pred [B, L, p*p*C]."""
+        return self._run("decoder", {"latent": latent, "ids_restore": ids_restore})
+
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels [B, C, H, W] -> logits [B, num_classes]."""
+        return self._run("classifier", {"pixels": pixels})
+
+    def all_patches(self, batch: int) -> np.ndarray:
+        """ids_keep [B, L] that keeps every patch (the full-image embedding)."""
+        return np.tile(np.arange(self.arch.num_patches, dtype=np.int64), (batch, 1))
+
+    def warm_up(self) -> None:
+        """One inference per graph at batch 1 (allocations, kernel choice, TensorRT engines)."""
+        a = self.arch
+        pixels = np.zeros((1, a.in_chans, a.img_size, a.img_size), dtype=np.float32)
+        self.encode(pixels, self.all_patches(1))
+        if self.has("decoder"):
+            keep = len_keep(a.num_patches, WARMUP_MASK_RATIO)
+            latent = self.encode(pixels, np.arange(keep, dtype=np.int64)[None])
+            self.decode(latent, np.arange(a.num_patches, dtype=np.int64)[None])
+        if self.has("classifier"):
+            self.classify(pixels)
+
+    def describe(self) -> dict[str, Any]:
+        """What /info and the startup log report: device, and per graph its file, precision and providers."""
+        return {
+            "device": self.device,
+            "onnxruntime": ort.__version__,
+            "graphs": {g: {"file": s.path.rsplit("/", 1)[-1], "precision": s.precision, "providers": s.providers}
+                       for g, s in self.sessions.items()},
+        }

@@ -1,0 +1,145 @@
+"""Request options and response bodies of the HTTP API as pydantic models (the contract `/docs` shows)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.masking import MAX_SEED
+from service.model_dir import Pooling
+
+
+class _Options(BaseModel):
+    """Options arrive as form fields, JSON fields or query parameters; unknown names are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbedOptions(_Options):
+    pooling: Pooling | None = Field(None, description="cls, mean or cls+mean; default: the model's")
+    normalize: bool = Field(True, description="L2-normalize each embedding")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: JSON numbers; base64: little-endian float32 bytes")
+
+
+class ReconstructOptions(_Options):
+    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0, description="fraction of patches removed (>= 1 stays visible)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="mask seed; random when absent, always returned")
+    response_format: Literal["png", "json"] = Field(
+        "png", description="png: one panel per image (original | masked | reconstruction | pasted); json: details")
+
+
+class ClassifyOptions(_Options):
+    top_k: int = Field(5, ge=1, description="labels per image (capped at the number of classes)")
+
+
+class _Images(BaseModel):
+    image: str | None = Field(None, description="one image: base64 or a data URI")
+    images: list[str] | None = Field(None, description="several images: base64 or data URIs")
+
+
+class EmbedJsonRequest(EmbedOptions, _Images):
+    pass
+
+
+class ReconstructJsonRequest(ReconstructOptions, _Images):
+    pass
+
+
+class ClassifyJsonRequest(ClassifyOptions, _Images):
+    pass
+
+
+class Usage(BaseModel):
+    images: int
+
+
+class EmbeddingItem(BaseModel):
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    pooling: Pooling
+    normalized: bool
+    encoding_format: Literal["float", "base64"]
+    data: list[EmbeddingItem]
+    usage: Usage
+
+
+class Prediction(BaseModel):
+    label: str
+    class_id: int
+    score: float = Field(description="softmax probability")
+
+
+class ClassifyItem(BaseModel):
+    index: int
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    data: list[ClassifyItem]
+    usage: Usage
+
+
+class PatchGrid(BaseModel):
+    rows: int
+    cols: int
+    patch_size: int
+    num_patches: int
+    num_visible: int
+
+
+class ReconstructImages(BaseModel):
+    original: str = Field(description="base64 PNG at the model's resolution")
+    masked: str
+    reconstruction: str
+    pasted: str = Field(description="the reconstruction with the visible patches of the original pasted back")
+
+
+class ReconstructItem(BaseModel):
+    index: int
+    mask: list[int] = Field(description="per patch in row-major order: 1 removed, 0 visible")
+    mse_masked: float = Field(description="mean squared error on removed patches, in the training target's space")
+    mse_masked_pixels: float = Field(description="mean squared error on removed patches, pixels in [0, 1]")
+    images: ReconstructImages
+
+
+class ReconstructResponse(BaseModel):
+    model: str
+    seed: int
+    mask_ratio: float
+    norm_pix_loss: bool
+    denormalized_with_target_stats: bool = Field(
+        description="true when removed patches were de-normalized with the original patch's mean and std")
+    grid: PatchGrid
+    data: list[ReconstructItem]
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def request_body_doc(json_model: type[BaseModel], options_model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a route that reads JSON or multipart itself."""
+    form = options_model.model_json_schema()
+    form["properties"] = {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "image files"},
+        **form.get("properties", {}),
+    }
+    form["required"] = ["image"]
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form},
+        "application/json": {"schema": json_model.model_json_schema()},
+    }}}

@@ -1,0 +1,60 @@
+"""Every knob of the server in one pydantic-settings class: `MAE_*` environment variables and `mae-serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def _split_list(value: object) -> object:
+    """`a,b` (environment or flag) or a list (code) -> list of non-empty stripped strings."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Server settings; each field `x_y` is the environment variable `MAE_X_Y` and the flag `--x-y`."""
+
+    model_config = SettingsConfigDict(env_prefix="MAE_", extra="ignore", frozen=True)
+
+    model_dir: Path = Field(BUNDLED_MODEL_DIR, description="model directory (model.json + ONNX files)")
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own sessions and queues")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    device: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        "auto", description="auto uses CUDA when a session really gets it, else the CPU")
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="graph variant to load; a graph without that variant falls back to fp32")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0: one per core)")
+    inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads across operators")
+    ort_spinning: bool = Field(
+        False, description="let ORT threads spin between operators (faster alone, steals CPU from HTTP)")
+    verify_hashes: bool = Field(True, description="check each ONNX file's sha256 against model.json at startup")
+
+    max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="how long a batch that already has company waits to fill; a lone request never waits")
+    max_queue: int = Field(256, ge=1, description="images waiting per queue before requests are refused")
+    queue_full_status: Literal[429, 503] = Field(503, description="status when a queue is full (with Retry-After)")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival to the start of compute (504)")
+    decode_threads: int = Field(2, ge=1, description="threads decoding images and encoding PNGs")
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413)")
+    max_images_per_request: int = Field(32, ge=1, description="images in one request (413)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height of one image, checked before decoding")
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, repr=False, description="comma-separated Bearer keys; empty: no authentication")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated allowed origins; empty: CORS off")
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted requests")
+
+    _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)

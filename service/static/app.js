@@ -1,0 +1,139 @@
+// Demo page: calls the public API (/reconstruct as JSON, /classify) with the chosen image and options.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { image: null, busy: false, again: false, timer: null };
+
+function headers() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function form(extra) {
+  const body = new FormData();
+  body.append("image", state.image, state.image.name || "image.png");
+  for (const [k, v] of Object.entries(extra)) body.append(k, v);
+  return body;
+}
+
+async function call(path, extra) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: form(extra) });
+  const body = await response.json();
+  if (response.status === 401) $("key-row").hidden = false;
+  return { status: response.status, body };
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+function showReconstruction(body) {
+  const item = body.data[0];
+  for (const name of ["original", "masked", "reconstruction", "pasted"]) {
+    $(`img-${name}`).src = `data:image/png;base64,${item.images[name]}`;
+  }
+  if ($("seed").value === "") $("seed").value = body.seed;
+  const visible = body.grid.num_visible, total = body.grid.num_patches;
+  $("scores").textContent =
+    `${visible} of ${total} patches visible · seed ${body.seed} · MSE on hidden patches ` +
+    `${item.mse_masked_pixels.toFixed(4)} (pixels)` +
+    (body.denormalized_with_target_stats ? " · hidden patches use the original's patch mean and std" : "");
+  const result = $("result");
+  result.hidden = false;
+  result.dataset.ratio = String(body.mask_ratio);
+  result.dataset.seed = String(body.seed);
+}
+
+function showLabels(response) {
+  const list = $("label-list");
+  list.replaceChildren();
+  if (response.status !== 200) {
+    $("labels").hidden = response.status === 404;  // no classifier in this model
+    if (response.status !== 404) setStatus(response.body.error.message, true);
+    return;
+  }
+  for (const p of response.body.data[0].predictions) {
+    const li = document.createElement("li");
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${Math.round(p.score * 100)}%`;
+    li.append(`${p.label} `, bar, ` ${(p.score * 100).toFixed(1)}%`);
+    list.append(li);
+  }
+  $("labels").hidden = false;
+}
+
+async function run() {
+  if (!state.image) return;
+  if (state.busy) { state.again = true; return; }
+  state.busy = true;
+  setStatus("working…");
+  try {
+    const options = { mask_ratio: $("ratio").value, response_format: "json" };
+    if ($("seed").value !== "") options.seed = $("seed").value;
+    const [rec, cls] = await Promise.all([call("/reconstruct", options), call("/classify", { top_k: 5 })]);
+    if (rec.status === 200) {
+      showReconstruction(rec.body);
+      setStatus("");
+    } else {
+      setStatus(rec.body.error ? rec.body.error.message : `error ${rec.status}`, true);
+    }
+    showLabels(cls);
+  } catch (err) {
+    setStatus(`request failed: ${err}`, true);
+  } finally {
+    state.busy = false;
+    if (state.again) { state.again = false; run(); }
+  }
+}
+
+function schedule() {
+  clearTimeout(state.timer);
+  state.timer = setTimeout(run, 120);
+}
+
+function useImage(blob) {
+  state.image = blob;
+  $("seed").value = "";
+  run();
+}
+
+async function loadSamples() {
+  const response = await fetch("/samples");
+  if (!response.ok) return;
+  for (const sample of await response.json()) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.title = sample.name;
+    const img = document.createElement("img");
+    img.src = sample.url;
+    img.alt = sample.name;
+    button.append(img);
+    button.addEventListener("click", async () => {
+      const blob = await (await fetch(sample.url)).blob();
+      useImage(new File([blob], `${sample.name}.png`, { type: blob.type }));
+    });
+    $("samples").append(button);
+  }
+}
+
+function init() {
+  $("file").addEventListener("change", () => { if ($("file").files[0]) useImage($("file").files[0]); });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer.files[0]) useImage(e.dataTransfer.files[0]);
+  });
+  $("ratio").addEventListener("input", () => { $("ratio-value").textContent = $("ratio").value; schedule(); });
+  $("seed").addEventListener("change", schedule);
+  $("reseed").addEventListener("click", () => { $("seed").value = ""; run(); });
+  $("api-key").addEventListener("change", schedule);
+  loadSamples();
+  document.body.dataset.ready = "true";
+}
+
+init();

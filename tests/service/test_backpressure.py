@@ -1,0 +1,80 @@
+"""Overload and deadlines, in process with concurrent requests: a full queue answers at once, late work is dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+from service_helpers import metric, sample_png
+
+from service.app import create_app
+from service.settings import Settings
+
+
+@asynccontextmanager
+async def async_client(model_dir: Path, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(model_dir=model_dir, **overrides))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            while (await client.get("/health/ready")).status_code != 200:
+                await asyncio.sleep(0.01)
+            yield client
+
+
+def embed(client: httpx.AsyncClient, data: bytes) -> Any:
+    return client.post("/embed", files=[("image", ("x.png", data, "image/png"))])
+
+
+def test_full_queue_is_refused_at_once_and_accepted_requests_succeed(tiny_model_dir: Path) -> None:
+    async def scenario(status: int) -> None:
+        async with async_client(tiny_model_dir, max_queue=2, max_batch_size=2, max_batch_delay_ms=50,
+                                queue_full_status=status) as client:
+            responses = await asyncio.gather(*(embed(client, sample_png()) for _ in range(24)))
+            codes = [r.status_code for r in responses]
+            refused = [r for r in responses if r.status_code == status]
+            assert refused and codes.count(200) >= 2 and codes.count(200) + len(refused) == 24, codes
+            for r in refused:
+                assert r.json()["error"]["type"] == "overloaded"
+                assert int(r.headers["retry-after"]) >= 1
+            text = (await client.get("/metrics")).text
+            assert metric(text, "mae_rejections_total", reason="overloaded") == len(refused)
+            assert (await embed(client, sample_png())).status_code == 200  # recovers once the burst is over
+
+    asyncio.run(scenario(503))
+    asyncio.run(scenario(429))
+
+
+def _slow_png() -> bytes:
+    """A 6000x6000 PNG of a few hundred kB whose decode and resize take a few tenths of a second."""
+    out = io.BytesIO()
+    Image.fromarray((np.indices((6000, 6000)).sum(0) % 256).astype(np.uint8)).save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+def test_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(tiny_model_dir: Path) -> None:
+    """B waits in a forming batch for A (still decoding); B's deadline passes there: 504, never computed."""
+    slow = _slow_png()
+
+    async def scenario() -> None:
+        async with async_client(tiny_model_dir, request_timeout_s=0.2, max_batch_delay_ms=5000) as client:
+            runs_before = metric((await client.get("/metrics")).text, "mae_ort_runs_total", graph="encoder")
+            a = asyncio.create_task(embed(client, slow))
+            await asyncio.sleep(0.05)
+            b = await embed(client, sample_png())
+            assert b.status_code == 504 and b.json()["error"]["type"] == "deadline_exceeded", b.text
+            assert (await a).status_code == 504
+            text = (await client.get("/metrics")).text
+            assert metric(text, "mae_dropped_images_total", queue="encoder") >= 1
+            assert metric(text, "mae_ort_runs_total", graph="encoder") == runs_before  # nothing was computed
+            assert metric(text, "mae_rejections_total", reason="deadline_exceeded") == 2
+            assert (await embed(client, sample_png())).status_code == 200
+
+    asyncio.run(scenario())

@@ -1,0 +1,377 @@
+"""Each route's success path and every error status with its type, in process (the app factory, a TestClient)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from service_helpers import encode, gradient, make_client, metric, sample_png
+
+from service.model_dir import ModelDirError
+from service.runtime import RuntimeConfigError
+from service.settings import Settings
+
+
+def files(*images: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def error_of(response) -> tuple[int, str]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"} and body["error"]["message"]
+    return response.status_code, body["error"]["type"]
+
+
+# -- /embed ---------------------------------------------------------------------------------------------
+
+
+def test_embed_multipart_json_and_query_agree(client: TestClient) -> None:
+    png = sample_png("sneaker")
+    a = client.post("/embed", files=files(png), data={"pooling": "mean", "normalize": "false"})
+    b = client.post("/embed", json={"image": b64(png), "pooling": "mean", "normalize": False})
+    c = client.post("/embed?pooling=mean&normalize=false", json={"images": [f"data:image/png;base64,{b64(png)}"]})
+    for r in (a, b, c):
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json"
+    bodies = [r.json() for r in (a, b, c)]
+    assert bodies[0]["model"] == "mae-test" and bodies[0]["pooling"] == "mean" and bodies[0]["usage"] == {"images": 1}
+    assert bodies[0]["dim"] == len(bodies[0]["data"][0]["embedding"]) == 32
+    assert bodies[0]["data"][0]["embedding"] == bodies[1]["data"][0]["embedding"] == bodies[2]["data"][0]["embedding"]
+    assert abs(np.linalg.norm(bodies[0]["data"][0]["embedding"]) - 1) > 1e-3  # not normalized when asked
+
+
+def test_embed_pooling_normalize_and_base64(client: TestClient) -> None:
+    png = sample_png("bag")
+    default = client.post("/embed", files=files(png)).json()
+    assert default["pooling"] == "mean"  # the tiny model's embedding.default_pooling
+    assert default["normalized"] is True
+    vector = np.asarray(default["data"][0]["embedding"], dtype=np.float32)
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    encoded = client.post("/embed", files=files(png), data={"encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(encoded["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_array_equal(decoded, vector)
+    both = client.post("/embed", files=files(png), data={"pooling": "cls+mean", "normalize": "false"}).json()
+    cls = client.post("/embed", files=files(png), data={"pooling": "cls", "normalize": "false"}).json()
+    mean = client.post("/embed", files=files(png), data={"pooling": "mean", "normalize": "false"}).json()
+    assert both["dim"] == 64
+    np.testing.assert_allclose(both["data"][0]["embedding"],
+                               cls["data"][0]["embedding"] + mean["data"][0]["embedding"], rtol=1e-6)
+
+
+def test_embed_matches_the_onnx_encoder(client: TestClient, tiny_model_dir: Path) -> None:
+    """The server's embedding is the encoder's mean-pooled latent of the preprocessed image."""
+    import onnxruntime as ort
+
+    from service.imaging import load_model_image
+    from service.model_dir import load_model_dir
+
+    png = sample_png("coat")
+    md = load_model_dir(tiny_model_dir)
+    pixels = load_model_image(png, md.spec.preprocessing, 10**6).pixels[None]
+    session = ort.InferenceSession(str(md.path("encoder")), providers=["CPUExecutionProvider"])
+    (latent,) = session.run(None, {"pixels": pixels, "ids_keep": np.arange(49, dtype=np.int64)[None]})
+    served = client.post("/embed", files=files(png), data={"normalize": "false"}).json()["data"][0]["embedding"]
+    np.testing.assert_allclose(served, latent[0, 1:].mean(axis=0), atol=1e-5)
+
+
+def test_several_images_keep_their_order(client: TestClient) -> None:
+    names = ["sneaker", "bag", "trouser"]
+    many = client.post("/embed", files=files(*(sample_png(n) for n in names))).json()
+    assert [d["index"] for d in many["data"]] == [0, 1, 2] and many["usage"] == {"images": 3}
+    for name, item in zip(names, many["data"], strict=True):
+        alone = client.post("/embed", files=files(sample_png(name))).json()["data"][0]["embedding"]
+        np.testing.assert_allclose(item["embedding"], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_embed_accepts_every_format(client: TestClient, fmt: str) -> None:
+    data = encode(gradient((50, 40)), fmt)
+    r = client.post("/embed", files=[("image", ("x", data, "application/octet-stream"))])
+    assert r.status_code == 200, r.text
+
+
+def test_embed_accepts_awkward_modes(client: TestClient) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    for data in (
+        encode(Image.fromarray(np.full((30, 30), 50000, dtype=np.uint16)), "PNG"),  # 16-bit
+        encode(gradient().convert("CMYK"), "JPEG"),
+        encode(gradient().convert("P"), "PNG"),
+        encode(gradient().convert("RGBA"), "PNG"),
+        encode(gradient(), "JPEG", exif=exif),
+    ):
+        assert client.post("/embed", files=files(data)).status_code == 200
+
+
+# -- /reconstruct ---------------------------------------------------------------------------------------
+
+
+def test_reconstruct_png_is_a_four_panel_image(client: TestClient) -> None:
+    r = client.post("/reconstruct", files=files(sample_png("dress")), data={"seed": "7"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["x-seed"] == "7"
+    panel = Image.open(io.BytesIO(r.content))
+    side = 140  # 28 px enlarged 5x
+    assert panel.size == (4 * side + 3 * 4, side) and panel.mode == "L"
+    two = client.post("/reconstruct", files=files(sample_png("dress"), sample_png("bag")), data={"seed": "7"})
+    assert Image.open(io.BytesIO(two.content)).size == (4 * side + 3 * 4, 2 * side + 4)
+
+
+def test_reconstruct_same_seed_same_bytes_other_seed_other_mask(client: TestClient) -> None:
+    png = sample_png("pullover")
+    first, again = (client.post("/reconstruct", files=files(png), data={"seed": "42", "mask_ratio": "0.6"})
+                    for _ in range(2))
+    assert first.content == again.content
+    other = client.post("/reconstruct", files=files(png), data={"seed": "43", "mask_ratio": "0.6"})
+    assert other.content != first.content
+    masks = [client.post("/reconstruct", files=files(png), data={"seed": s, "response_format": "json"}).json()
+             for s in ("42", "43")]
+    assert masks[0]["data"][0]["mask"] != masks[1]["data"][0]["mask"]
+
+
+def test_reconstruct_json(client: TestClient) -> None:
+    fmnist = (Path(__file__).parents[1] / "fixtures" / "fmnist" / "test_00000.png").read_bytes()  # 28x28
+    r = client.post("/reconstruct", json={"image": b64(fmnist), "mask_ratio": 0.5, "seed": 3,
+                                          "response_format": "json"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seed"] == 3 and body["mask_ratio"] == 0.5
+    assert body["norm_pix_loss"] is True and body["denormalized_with_target_stats"] is True
+    assert body["grid"] == {"rows": 7, "cols": 7, "patch_size": 4, "num_patches": 49, "num_visible": 24}
+    item = body["data"][0]
+    assert len(item["mask"]) == 49 and sum(item["mask"]) == 25
+    assert item["mse_masked"] > 0 and 0 < item["mse_masked_pixels"] < 1
+    for name in ("original", "masked", "reconstruction", "pasted"):
+        picture = Image.open(io.BytesIO(base64.b64decode(item["images"][name])))
+        assert picture.size == (28, 28)
+    original = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["images"]["original"]))))
+    np.testing.assert_array_equal(original, np.asarray(Image.open(io.BytesIO(fmnist))))
+
+
+def test_reconstruct_seed_is_random_when_absent_and_returned(client: TestClient) -> None:
+    png = sample_png("sandal")
+    seeds = {client.post("/reconstruct", files=files(png), data={"response_format": "json"}).json()["seed"]
+             for _ in range(3)}
+    assert len(seeds) == 3
+    seed = seeds.pop()
+    replay = client.post("/reconstruct", files=files(png), data={"response_format": "json", "seed": str(seed)})
+    assert replay.json()["seed"] == seed
+
+
+def test_reconstruct_pixel_target_model_has_no_leak(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A model trained on plain pixels (norm_pix_loss false) reports no use of the target's statistics."""
+    torch = pytest.importorskip("torch")
+    from model import load_checkpoint, save_checkpoint
+    from training.export import export_model_dir
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["config"] = {**ckpt["config"], "norm_pix_loss": False}
+    path = tmp_path / "pixels.pth"
+    save_checkpoint(path, ckpt)
+    assert load_checkpoint(path) is not None
+    out = export_model_dir(path, tmp_path / "pixels", precisions=("fp32",), name="pixels", log=lambda _: None)
+    with make_client(out) as c:
+        body = c.post("/reconstruct", files=files(sample_png()), data={"response_format": "json", "seed": "1"}).json()
+    assert body["norm_pix_loss"] is False and body["denormalized_with_target_stats"] is False
+
+
+# -- /classify, /info, health, metrics -----------------------------------------------------------------
+
+
+def test_classify(client: TestClient) -> None:
+    r = client.post("/classify", files=files(sample_png("trouser"), sample_png("bag")), data={"top_k": "3"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "mae-test" and len(body["data"]) == 2
+    predictions = body["data"][0]["predictions"]
+    assert len(predictions) == 3
+    scores = [p["score"] for p in predictions]
+    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+    labels = client.get("/info").json()["model"]["labels"]
+    assert all(labels[p["class_id"]] == p["label"] for p in predictions)
+    everything = client.post("/classify", files=files(sample_png("trouser")), data={"top_k": "100"}).json()
+    assert len(everything["data"][0]["predictions"]) == 10
+    assert sum(p["score"] for p in everything["data"][0]["predictions"]) == pytest.approx(1.0)
+
+
+def test_info_health_and_metrics(client: TestClient) -> None:
+    info = client.get("/info").json()
+    assert info["ready"] is True and info["model"]["name"] == "mae-test"
+    assert info["runtime"]["device"] == "cpu"
+    assert info["runtime"]["graphs"]["encoder"]["providers"] == ["CPUExecutionProvider"]
+    assert set(info["runtime"]["graphs"]) == {"encoder", "decoder", "classifier"}
+    assert info["routes"] == {"embed": True, "reconstruct": True, "classify": True}
+    assert info["batching"]["max_batch_size"] == 32
+    assert client.get("/health/live").json() == {"status": "live"}
+    assert client.get("/health/ready").status_code == 200
+    r = client.post("/embed", files=files(sample_png()), headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    for h in ("x-queue-time-ms", "x-inference-time-ms", "x-total-time-ms"):
+        assert float(r.headers[h]) >= 0
+    assert len(client.get("/health/live").headers["x-request-id"]) == 32  # generated when absent
+    text = client.get("/metrics").text
+    assert metric(text, "mae_requests_total", route="/embed", status="200") >= 1
+    for graph in ("encoder", "decoder", "classifier"):  # warm-up ran each graph before ready
+        assert metric(text, "mae_ort_runs_total", graph=graph) >= 1
+    assert metric(text, "mae_images_total", route="/embed") >= 1
+    assert "mae_batch_size_bucket" in text and "mae_queue_depth" in text and "mae_inference_duration_seconds" in text
+
+
+def test_precision_variant_and_fallback(tiny_model_dir: Path, encoder_only_dir: Path) -> None:
+    with make_client(tiny_model_dir, precision="int8") as c:
+        graphs = c.get("/info").json()["runtime"]["graphs"]
+        assert {g["precision"] for g in graphs.values()} == {"int8"}
+        assert graphs["encoder"]["file"] == "encoder.int8.onnx"
+        assert c.post("/embed", files=files(sample_png())).status_code == 200
+    from service.app import create_app
+
+    assert list(json.loads((encoder_only_dir / "model.json").read_text())["files"]["encoder"]) == ["fp32"]
+    with pytest.raises(RuntimeConfigError, match="no int8 variant of the encoder"):
+        create_app(Settings(model_dir=encoder_only_dir, precision="int8"))
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+
+def test_client_errors_have_their_status_and_type(client: TestClient) -> None:
+    png = sample_png()
+    cases = [
+        (client.post("/embed", files=files(b"not an image at all")), 400, "invalid_image"),
+        (client.post("/embed", json={"image": "!!! not base64 !!!"}), 400, "invalid_image"),
+        (client.post("/embed", files=files(png[:200])), 400, "invalid_image"),  # truncated
+        (client.post("/embed", content=b"{nope", headers={"content-type": "application/json"}), 400, "invalid_body"),
+        (client.post("/embed", content=b"[1, 2]", headers={"content-type": "application/json"}), 400, "invalid_body"),
+        (client.post("/embed", content=png, headers={"content-type": "image/png"}), 415, "unsupported_media_type"),
+        (client.post("/embed"), 415, "unsupported_media_type"),
+        (client.post("/embed", files=files(encode(Image.new("RGB", (16, 16)), "ICO"))), 415, "unsupported_media_type"),
+        (client.post("/embed", files=files(png), data={"pooling": "max"}), 422, "invalid_option"),
+        (client.post("/embed", files=files(png), data={"encoding_format": "hex"}), 422, "invalid_option"),
+        (client.post("/embed", files=files(png), data={"colour": "red"}), 422, "invalid_option"),
+        (client.post("/embed", data={"pooling": "cls"}), 422, "invalid_option"),
+        (client.post("/embed", json={"images": [1, 2]}), 422, "invalid_option"),
+        (client.post("/reconstruct", files=files(png), data={"mask_ratio": "1"}), 422, "invalid_option"),
+        (client.post("/reconstruct", files=files(png), data={"mask_ratio": "-0.1"}), 422, "invalid_option"),
+        (client.post("/reconstruct", files=files(png), data={"mask_ratio": "0.99"}), 422, "invalid_option"),
+        (client.post("/reconstruct", files=files(png), data={"seed": "-1"}), 422, "invalid_option"),
+        (client.post("/reconstruct", files=files(png), data={"seed": "abc"}), 422, "invalid_option"),
+        (client.post("/reconstruct", files=files(png), data={"response_format": "gif"}), 422, "invalid_option"),
+        (client.post("/classify", files=files(png), data={"top_k": "0"}), 422, "invalid_option"),
+        (client.get("/no/such/route"), 404, "not_found"),
+        (client.get("/embed"), 405, "method_not_allowed"),
+    ]
+    for response, status, kind in cases:
+        assert error_of(response) == (status, kind), response.text
+    text = client.get("/metrics").text
+    assert metric(text, "mae_rejections_total", reason="invalid_image") >= 3
+    assert metric(text, "mae_requests_total", route="/embed", status="415") >= 2
+
+
+def test_limits_answer_413(tiny_model_dir: Path) -> None:
+    with make_client(tiny_model_dir, max_body_bytes=20_000, max_images_per_request=2, max_image_pixels=20_000) as c:
+        png = sample_png()
+        assert error_of(c.post("/embed", files=files(png, png, png))) == (413, "payload_too_large")
+        assert error_of(c.post("/embed", json={"images": [b64(png)] * 3})) == (413, "payload_too_large")
+        big_body = encode(Image.effect_noise((200, 200), 64).convert("L"), "PNG")
+        assert len(big_body) > 20_000
+        assert error_of(c.post("/embed", files=files(big_body))) == (413, "payload_too_large")
+
+        def chunks():  # no Content-Length: the limit is enforced while reading
+            yield b'{"image": "'
+            for _ in range(30):
+                yield b"A" * 1000
+            yield b'"}'
+        r = c.post("/embed", content=chunks(), headers={"content-type": "application/json"})
+        assert error_of(r) == (413, "payload_too_large")
+        large = encode(Image.new("L", (201, 100)), "PNG")  # 20,100 pixels, a few hundred bytes
+        assert error_of(c.post("/embed", files=files(large))) == (413, "payload_too_large")
+        assert c.post("/embed", files=files(png, png)).status_code == 200
+
+
+def test_not_available_without_decoder_or_classifier(encoder_only_dir: Path) -> None:
+    with make_client(encoder_only_dir) as c:
+        assert c.post("/embed", files=files(sample_png())).status_code == 200
+        assert error_of(c.post("/reconstruct", files=files(sample_png()))) == (404, "not_available")
+        assert error_of(c.post("/classify", files=files(sample_png()))) == (404, "not_available")
+        assert c.get("/info").json()["routes"] == {"embed": True, "reconstruct": False, "classify": False}
+
+
+def test_api_keys(tiny_model_dir: Path) -> None:
+    with make_client(tiny_model_dir, api_keys="k1,k2") as c:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic k1"}):
+            assert error_of(c.post("/embed", files=files(sample_png()), headers=headers)) == (401, "unauthorized")
+        assert error_of(c.get("/info")) == (401, "unauthorized")
+        for key in ("k1", "k2"):
+            ok = c.post("/embed", files=files(sample_png()), headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200
+        for open_route in ("/health/live", "/health/ready", "/metrics", "/"):
+            assert c.get(open_route).status_code == 200
+
+
+def test_cors_allow_list(tiny_model_dir: Path) -> None:
+    with make_client(tiny_model_dir, cors_origins="https://app.example") as c:
+        preflight = c.options("/embed", headers={"Origin": "https://app.example", "Access-Control-Request-Method":
+                                                 "POST", "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        r = c.post("/embed", files=files(sample_png()), headers={"Origin": "https://app.example"})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        other = c.post("/embed", files=files(sample_png()), headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    with make_client(tiny_model_dir) as c:  # off by default
+        r = c.post("/embed", files=files(sample_png()), headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_bad_model_directories_refuse_to_start(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from service.app import create_app
+
+    with pytest.raises(ModelDirError, match="no such model directory"):
+        create_app(Settings(model_dir=tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "decoder.onnx").write_bytes((broken / "decoder.onnx").read_bytes()[:-10] + b"0" * 10)
+    with pytest.raises(ModelDirError, match="decoder.onnx.*sha256"):
+        create_app(Settings(model_dir=broken))
+    with pytest.raises(RuntimeConfigError, match="CUDAExecutionProvider"):
+        create_app(Settings(model_dir=tiny_model_dir, device="cuda"))
+
+
+def test_auto_device_uses_cuda_only_when_the_session_gets_it(tiny_model_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA listed but unusable (the one mock allowed: this CPU build pretends to have it), auto stays on CPU."""
+    import onnxruntime as ort
+
+    real = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    from service.model_dir import load_model_dir
+    from service.runtime import Runtime
+
+    runtime = Runtime(load_model_dir(tiny_model_dir), device="auto")
+    assert runtime.device == "cpu"
+    assert runtime.describe()["graphs"]["encoder"]["providers"] == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeConfigError, match="only got"):
+        Runtime(load_model_dir(tiny_model_dir), device="cuda")
+
+
+def test_demo_page_and_samples_are_served(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/static/app.js" in page.text and "http" not in page.text.replace("http-equiv", "")  # no CDN
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    samples = client.get("/samples").json()
+    assert {s["name"] for s in samples} >= {"sneaker", "bag"}
+    assert client.get(samples[0]["url"]).headers["content-type"] == "image/png"

@@ -1,0 +1,111 @@
+"""End to end over real sockets: `python -m service` processes started by the tests; batching; graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from service_helpers import ROOT, metric, sample_png, server_process
+
+FMNIST = ROOT / "tests" / "fixtures" / "fmnist"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[str]:
+    with server_process(tiny_model_dir, "--max-batch-delay-ms", "5") as (url, _):
+        yield url
+
+
+def files(data: bytes) -> list:
+    return [("image", ("x.png", data, "image/png"))]
+
+
+def test_every_route_over_a_real_socket(server: str) -> None:
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.get("/health/live").status_code == 200 and c.get("/health/ready").status_code == 200
+        embed = c.post("/embed", files=files(sample_png()))
+        assert embed.status_code == 200 and embed.json()["dim"] == 32
+        assert float(embed.headers["x-inference-time-ms"]) > 0
+        png = c.post("/reconstruct", files=files(sample_png()), data={"seed": "9", "mask_ratio": "0.5"})
+        assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).width > 500
+        as_json = c.post("/reconstruct", json={"image": base64.b64encode(sample_png()).decode(),
+                                               "response_format": "json", "seed": 9, "mask_ratio": 0.5})
+        assert as_json.json()["grid"]["num_visible"] == 24
+        classify = c.post("/classify?top_k=2", files=files(sample_png()))
+        assert len(classify.json()["data"][0]["predictions"]) == 2
+        assert c.get("/info").json()["runtime"]["graphs"]["encoder"]["providers"] == ["CPUExecutionProvider"]
+        bad = c.post("/embed", content=b"x", headers={"content-type": "text/plain"})
+        assert bad.status_code == 415 and bad.json()["error"]["type"] == "unsupported_media_type"
+        assert "mae_requests_total" in c.get("/metrics").text
+        assert "<html" in c.get("/").text
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server: str) -> None:
+    images = [(FMNIST / f"test_{i:05d}.png").read_bytes() for i in range(32)]
+
+    async def scenario() -> None:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server, timeout=30, limits=limits) as c:
+            alone = [(await c.post("/embed", files=files(img))).json()["data"][0]["embedding"] for img in images]
+            before = metric((await c.get("/metrics")).text, "mae_ort_runs_total", graph="encoder")
+            together = await asyncio.gather(*(c.post("/embed", files=files(img)) for img in images))
+            after = metric((await c.get("/metrics")).text, "mae_ort_runs_total", graph="encoder")
+        assert all(r.status_code == 200 for r in together)
+        assert after - before < len(images), f"{after - before} ONNX Runtime runs for {len(images)} requests"
+        for mine, reference in zip(together, alone, strict=True):
+            np.testing.assert_allclose(mine.json()["data"][0]["embedding"], reference, atol=1e-5)
+        assert len({tuple(r.json()["data"][0]["embedding"]) for r in together}) == len(images)
+
+    asyncio.run(scenario())
+
+
+def test_several_workers(tiny_model_dir: Path) -> None:
+    with server_process(tiny_model_dir, "--workers", "2") as (url, _):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert all(c.post("/embed", files=files(sample_png())).status_code == 200 for _ in range(4))
+
+
+def test_cli_refuses_a_missing_model_directory(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "service", "--model-dir", str(tmp_path / "nope")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "nope: no such model directory" in done.stderr
+
+
+def _slowish_png() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray((np.indices((3000, 3000)).sum(0) % 256).astype(np.uint8)).save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+def test_sigterm_finishes_every_accepted_request(tiny_model_dir: Path) -> None:
+    """Six requests whose decoding takes ~1 s in all are in flight when SIGTERM arrives: all six get a 200."""
+    slow = _slowish_png()
+    with server_process(tiny_model_dir, "--decode-threads", "1") as (url, proc):
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                tasks = [asyncio.create_task(c.post("/embed", files=files(slow))) for _ in range(6)]
+                async with httpx.AsyncClient(base_url=url, timeout=5) as probe:
+                    while metric((await probe.get("/metrics")).text, "mae_requests_in_flight") < 7:
+                        await asyncio.sleep(0.01)  # the six plus this probe
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        started = time.monotonic()
+        responses = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 6
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < 30
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health/live", timeout=2)

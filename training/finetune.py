@@ -1,0 +1,139 @@
+"""`mae-finetune`: end-to-end fine-tuning of a pretrained MAE encoder as a classifier.
+
+The official recipe (`main_finetune.py`), scaled down: global average pooling + `fc_norm`,
+layer-wise lr decay, drop path, label smoothing, AdamW, warmup then cosine; the same loop,
+checkpointing and torchrun support as pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from model import ViTClassifier, read_checkpoint
+from model.checkpoint import checkpoint_config
+from training.cli import run_cli
+from training.common import MetricsLog, build_loader, evaluate_top1, resume_state, train_epochs, write_checkpoint
+from training.data import build_dataset
+from training.dist import DistInfo, cleanup, init_distributed
+from training.optim import param_groups
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("mae-finetune", description="Fine-tune a pretrained MAE encoder as a classifier.")
+    p.add_argument("--checkpoint", required=True, help="a mae-train / mae-probe / mae-import checkpoint")
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's training data set")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--warmup-epochs", type=float, default=1)
+    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--accum-iter", type=int, default=1)
+    p.add_argument("--blr", type=float, default=1e-3, help="lr = blr * effective batch / 256")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=float, default=0.75)
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--crop-scale-min", type=float, default=0.5, help="RandomResizedCrop area lower bound")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=Path("runs/finetune"))
+    p.add_argument("--save-every", type=int, default=1)
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for output-dir/checkpoint-last.pth")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    info = init_distributed(args.device)
+    try:
+        _finetune(args, info)
+    finally:
+        cleanup(info)
+
+
+def _finetune(args: argparse.Namespace, info) -> None:
+    torch.manual_seed(args.seed)
+    src = read_checkpoint(args.checkpoint)
+    if src.get("kind") == "finetune":
+        raise ValueError(f"{args.checkpoint}: already fine-tuned; start from a pretrained checkpoint")
+    config = checkpoint_config(src)
+    data = src.get("data") or {}
+    dataset_name = args.dataset or data.get("dataset")
+    if not dataset_name:
+        raise ValueError("the checkpoint does not name its data set; pass --dataset")
+    train = build_dataset(dataset_name, "train", config.img_size, config.in_chans, train=True, root=args.data_path,
+                          seed=args.seed, limit=args.limit, scale=(args.crop_scale_min, 1.0))
+    test = build_dataset(dataset_name, "test", config.img_size, config.in_chans, train=False, root=args.data_path)
+    loader = build_loader(train, args.batch_size, info, args.seed, train=True, num_workers=args.num_workers)
+    test_loader = build_loader(test, 500, DistInfo(device=info.device), args.seed, train=False)  # rank 0 evaluates all
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+
+    model = ViTClassifier(config, len(train.labels), head_type="finetune", drop_path_rate=args.drop_path)
+    encoder_sd = {k: v for k, v in src["model"].items() if not k.startswith(("decoder", "mask_token", "norm."))}
+    missing, unexpected = model.load_state_dict(encoder_sd, strict=False)
+    if set(missing) != {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} or unexpected:
+        raise ValueError(f"{args.checkpoint}: incompatible encoder (missing {missing}, unexpected {unexpected})")
+    model.to(info.device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay), lr=args.lr)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    start_epoch = 0
+    state = resume_state(args.resume, args.output_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+    ddp = DistributedDataParallel(model) if info.enabled else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    log = MetricsLog(args.output_dir / "metrics.jsonl", info.is_main)
+    if info.is_main:
+        print(f"mae-finetune: {len(train)} images, effective batch {eff_batch}, lr {args.lr:.2e}, "
+              f"layer decay {args.layer_decay}, drop path {args.drop_path}", flush=True)
+
+    def step_fn(batch, net, step: int) -> torch.Tensor:
+        imgs, labels = batch
+        return criterion(net(imgs.to(info.device)), labels.to(info.device))
+
+    def on_epoch_end(epoch: int, loss: float) -> None:
+        acc = evaluate_top1(model, test_loader, info.device) if info.is_main else 0.0
+        log.write(epoch=epoch, test_top1=acc)
+        if info.is_main and not args.quiet:
+            print(f"  test top-1 {acc:.2f}%", flush=True)
+        metrics = {"train_loss": loss, "finetune_top1": acc, "epochs": epoch + 1}
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "scaler": scaler.state_dict() if scaler else None, "args": {k: str(v) for k, v in vars(args).items()},
+            "config": config.to_dict(), "kind": "finetune", "data": data, "metrics": metrics,
+            "classifier": {"head_type": "finetune", "pooling": "mean", "num_classes": len(train.labels),
+                           "labels": list(train.labels), "metrics": metrics},
+        }
+        if epoch + 1 == args.epochs or (epoch + 1) % args.save_every == 0:
+            write_checkpoint(args.output_dir, "checkpoint-last.pth", state, info)
+
+    t0 = time.perf_counter()
+    train_epochs(model=ddp, optimizer=optimizer, loader=loader, args=args, info=info, start_epoch=start_epoch,
+                 step_fn=step_fn, log=log, on_epoch_end=on_epoch_end, scaler=scaler)
+    if info.is_main:
+        final = read_checkpoint(args.output_dir / "checkpoint-last.pth")["metrics"]["finetune_top1"]
+        print(f"mae-finetune: test top-1 {final:.2f}% in {time.perf_counter() - t0:.0f} s; "
+              f"wrote {args.output_dir / 'checkpoint-last.pth'}")
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    run_cli(main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,180 @@
+"""`mae-probe`: the MAE linear-probe protocol on a frozen encoder.
+
+Features of the whole (unmasked) image are extracted once and cached in memory; the head is
+BatchNorm1d(affine=False) + Linear trained with LARS, warmup then cosine, as the official
+`main_linprobe.py`. `--pooling best` picks cls / mean / cls+mean on a validation split held out
+of the training set, then retrains on the full training set and reports top-1 on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from model import read_checkpoint, save_checkpoint
+from model.checkpoint import build_autoencoder, checkpoint_config
+from training.cli import run_cli
+from training.data import build_dataset
+from training.optim import lr_at, set_lr
+
+POOLINGS = ("cls", "mean", "cls+mean")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio; no scaling or weight decay for tensors of ndim <= 1."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(dp)
+                    if p_norm > 0 and u_norm > 0:
+                        dp = dp.mul(g["trust_coefficient"] * p_norm / u_norm)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("mae-probe", description="Linear probe of a pretrained MAE encoder.")
+    p.add_argument("--checkpoint", required=True, help="a mae-train (or mae-import) checkpoint")
+    p.add_argument("--output", type=Path, default=None, help="probe checkpoint (default: beside --checkpoint)")
+    p.add_argument("--pooling", default="cls", choices=[*POOLINGS, "best"])
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's training data set")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--val-size", type=int, default=5000, help="held-out training images for --pooling best")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch / 256")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+@torch.no_grad()
+def extract_latents(encoder: nn.Module, dataset, batch_size: int = 500, quiet: bool = False) -> Tensor:
+    """`cls+mean` features [N, 2D] of the unmasked images; `pooled` slices the other two out of them."""
+    encoder.eval()
+    out = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="features", disable=quiet, leave=False):
+        imgs = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+        out.append(encoder.forward_features(imgs, "cls+mean"))
+    return torch.cat(out)
+
+
+def pooled(features: Tensor, pooling: str) -> Tensor:
+    """cls = the first half of the `cls+mean` features, mean = the second half."""
+    dim = features.shape[1] // 2
+    return {"cls": features[:, :dim], "mean": features[:, dim:], "cls+mean": features}[pooling]
+
+
+def make_head(dim: int, num_classes: int) -> nn.Sequential:
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def train_head(x: Tensor, y: Tensor, num_classes: int, args: argparse.Namespace) -> nn.Sequential:
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    head = make_head(x.shape[1], num_classes)
+    lr = args.blr * args.batch_size / 256
+    opt = LARS(head.parameters(), lr=lr, weight_decay=args.weight_decay)
+    steps = max(len(x) // args.batch_size, 1)
+    head.train()
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(steps):
+            set_lr(opt, lr_at(epoch + i / steps, lr, 0.0, args.warmup_epochs, args.epochs))
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            loss = nn.functional.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def top1(head: nn.Module, x: Tensor, y: Tensor) -> float:
+    return 100.0 * (head(x).argmax(-1) == y).float().mean().item()
+
+
+def main(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    ckpt = read_checkpoint(args.checkpoint)
+    if ckpt.get("kind") == "finetune":
+        raise ValueError(f"{args.checkpoint}: a fine-tuned classifier; probe a pretrained (mae/encoder) checkpoint")
+    encoder = build_autoencoder(ckpt, args.checkpoint)
+    config = checkpoint_config(ckpt)
+    data = ckpt.get("data") or {}
+    dataset_name = args.dataset or data.get("dataset")
+    if not dataset_name:
+        raise ValueError("the checkpoint does not name its data set; pass --dataset")
+    train = build_dataset(dataset_name, "train", config.img_size, config.in_chans, train=False,
+                          root=args.data_path, limit=args.limit)
+    test = build_dataset(dataset_name, "test", config.img_size, config.in_chans, train=False, root=args.data_path)
+    x_train, x_test = extract_latents(encoder, train, quiet=args.quiet), extract_latents(encoder, test, quiet=args.quiet)
+    y_train, y_test = _targets(train), _targets(test)
+    num_classes = len(train.labels)
+
+    results: dict[str, float] = {}
+    pooling = args.pooling
+    if pooling == "best":
+        n_fit = len(x_train) - args.val_size
+        if n_fit <= 0:
+            raise ValueError(f"--val-size {args.val_size} leaves no training images")
+        for p in POOLINGS:
+            head = train_head(pooled(x_train[:n_fit], p), y_train[:n_fit], num_classes, args)
+            results[f"val_top1_{p}"] = top1(head, pooled(x_train[n_fit:], p), y_train[n_fit:])
+            if not args.quiet:
+                print(f"  pooling {p:9s} val top-1 {results[f'val_top1_{p}']:.2f}%")
+        pooling = max(POOLINGS, key=lambda p: results[f"val_top1_{p}"])
+    head = train_head(pooled(x_train, pooling), y_train, num_classes, args)
+    acc = top1(head, pooled(x_test, pooling), y_test)
+    train_acc = top1(head, pooled(x_train, pooling), y_train)
+
+    output = args.output or Path(args.checkpoint).with_name("checkpoint-probe.pth")
+    metrics = {"probe_top1": acc, "probe_train_top1": train_acc, "pooling": pooling, **results}
+    save_checkpoint(output, {
+        **{k: ckpt[k] for k in ("model", "config", "data") if k in ckpt},
+        "kind": "probe", "epoch": ckpt.get("epoch"), "optimizer": None, "scaler": None,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "metrics": {**(ckpt.get("metrics") or {}), **metrics},
+        "classifier": {"head_type": "probe", "pooling": pooling, "num_classes": num_classes,
+                       "labels": list(train.labels), "metrics": metrics,
+                       "state_dict": head.state_dict()},
+    })
+    print(f"mae-probe: {pooling} features, test top-1 {acc:.2f}% (train {train_acc:.2f}%), "
+          f"{time.perf_counter() - t0:.0f} s; wrote {output}")
+
+
+def _targets(dataset) -> Tensor:
+    return torch.tensor([dataset.raw(i)[1] for i in range(len(dataset))])
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    run_cli(main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    cli()
