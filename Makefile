@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
-APT_PACKAGES := dataset-fashion-mnist chromium
+APT_PACKAGES := dataset-fashion-mnist chromium wrk
 TORCH  := torch==2.13.0
 
 .PHONY: serve test test-slow bench lint system-deps default-model clean
@@ -27,7 +27,7 @@ $(VENV)/.test-installed: pyproject.toml | $(PY)
 
 # Debian packages the tests use (real data, a real browser), installed when running as root with apt.
 system-deps:
-	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null; then exit 0; fi; \
+	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null && command -v wrk >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	else echo "note: install $(APT_PACKAGES) for the data and browser tests (they skip without them)"; fi

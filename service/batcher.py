@@ -107,9 +107,9 @@ class BatchQueue:
     async def _submit(self, payloads: Sequence[Any], deadline: float, timing: BatchTiming) -> list[Any]:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [_Item(payload=p, deadline=deadline, future=loop.create_future(), enqueued=now) for p in payloads]
         if deadline <= now:
             raise DeadlineExpired("the request's deadline passed before it was queued")
+        items = [_Item(payload=p, deadline=deadline, future=loop.create_future(), enqueued=now) for p in payloads]
         self.pending.extend(items)
         self.observer.depth(self.name, len(items))
         self._wakeup.set()

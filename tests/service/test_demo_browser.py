@@ -1,0 +1,125 @@
+"""The demo page in headless Chromium, driven over the DevTools protocol: upload, slider, reconstruction, screenshot."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from service_helpers import ARTIFACTS, SAMPLES, server_process
+
+websockets = pytest.importorskip("websockets")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws: Any):
+        self.ws, self.next_id = ws, 0
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        await self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(await self.ws.recv())
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 20.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+    async def press(self, key: str, code: int) -> None:
+        for kind in ("keyDown", "keyUp"):
+            await self.call("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code)
+
+
+def _page_websocket(profile: Path, timeout: float = 30.0) -> str:
+    """The DevTools websocket of the first page, once Chromium has written its port."""
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists() and port_file.read_text().strip():
+            port = port_file.read_text().split()[0]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:
+                pages = [t for t in json.load(r) if t["type"] == "page"]
+            if pages:
+                return pages[0]["webSocketDebuggerUrl"]
+        time.sleep(0.1)
+    raise AssertionError("chromium did not open its DevTools port")
+
+
+async def _drive(ws_url: str, url: str, upload: Path, screenshot: Path) -> dict[str, Any]:
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        page = DevTools(ws)
+        await page.call("Page.enable")
+        await page.call("Emulation.setDeviceMetricsOverride", width=1100, height=760, deviceScaleFactor=1,
+                        mobile=False)
+        await page.call("Page.navigate", url=url)
+        await page.wait_for("document.body && document.body.dataset.ready === 'true'")
+        await page.wait_for("document.querySelectorAll('#samples img').length >= 10")
+        # Upload a file through the real <input type=file>, as a user picking a file does.
+        document = await page.call("DOM.getDocument")
+        node = await page.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file")
+        await page.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(upload)])
+        await page.wait_for("document.querySelector('#result').dataset.ratio === '0.75'")
+        first_seed = await page.evaluate("document.querySelector('#result').dataset.seed")
+        # Move the slider with the keyboard: two steps of 0.05 to the left.
+        await page.evaluate("document.querySelector('#ratio').focus()")
+        await page.press("ArrowLeft", 37)
+        await page.press("ArrowLeft", 37)
+        await page.wait_for("document.querySelector('#result').dataset.ratio === '0.65'")
+        await page.wait_for("['original','masked','reconstruction','pasted'].every("
+                            "n => document.querySelector('#img-' + n).naturalWidth === 28)")
+        await page.wait_for("document.querySelectorAll('#label-list li').length === 5")
+        state = {
+            "seed": await page.evaluate("document.querySelector('#result').dataset.seed"),
+            "first_seed": first_seed,
+            "scores": await page.evaluate("document.querySelector('#scores').textContent"),
+            "labels": await page.evaluate("[...document.querySelectorAll('#label-list li')].map(li => li.textContent)"),
+            "status": await page.evaluate("document.querySelector('#status').textContent"),
+        }
+        shot = await page.call("Page.captureScreenshot", format="png")
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        return state
+
+
+def test_demo_page_upload_slider_reconstruction(tiny_model_dir: Path, tmp_path: Path) -> None:
+    screenshot = ARTIFACTS / "demo-page.png"
+    with server_process(tiny_model_dir) as (url, _):
+        profile = tmp_path / "chromium-profile"
+        browser = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            state = asyncio.run(_drive(_page_websocket(profile), f"{url}/", SAMPLES / "sneaker.png", screenshot))
+        finally:
+            browser.terminate()
+            browser.wait(timeout=20)
+    assert state["seed"] == state["first_seed"]  # the slider keeps the mask's seed
+    assert state["scores"].startswith("17 of 49 patches visible")  # int(49 * 0.35)
+    assert len(state["labels"]) == 5 and state["status"] == ""
+    assert screenshot.stat().st_size > 10_000

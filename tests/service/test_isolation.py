@@ -1,0 +1,38 @@
+"""The service never imports torch, `model` or `training`: checked in a fresh interpreter that serves a request."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from service_helpers import ROOT
+
+PROBE = """
+import sys
+from fastapi.testclient import TestClient
+import service, service.__main__
+from service.app import create_app
+from service.settings import Settings
+with TestClient(create_app(Settings(model_dir=sys.argv[1]))) as client:
+    png = open(sys.argv[2], "rb").read()
+    assert client.post("/reconstruct", files={"image": ("x.png", png, "image/png")}).status_code == 200
+    assert client.post("/classify", files={"image": ("x.png", png, "image/png")}).status_code == 200
+forbidden = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "model", "training", "torchvision"})
+print(forbidden)
+sys.exit(1 if forbidden else 0)
+"""
+
+
+def test_serving_imports_no_torch_model_or_training(tiny_model_dir: Path) -> None:
+    sample = ROOT / "service" / "samples" / "bag.png"
+    done = subprocess.run([sys.executable, "-c", PROBE, str(tiny_model_dir), str(sample)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_no_source_file_under_service_imports_torch() -> None:
+    forbidden = re.compile(r"^\s*(import|from)\s+(torch|torchvision|model|training)\b", re.MULTILINE)
+    for path in (ROOT / "service").rglob("*.py"):
+        assert not forbidden.search(path.read_text()), path

@@ -1,0 +1,129 @@
+"""Pretraining: exact resume, torchrun DDP parity across ranks, and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import load_checkpoint, read_checkpoint
+from training import pretrain
+from training.data import FASHION_MNIST_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+needs_fmnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+SMALL = ["--model", "mae_vit_test", "--limit", "64", "--batch-size", "16", "--warmup-epochs", "1",
+         "--log-every", "1", "--no-preview", "--quiet", "--seed", "3"]
+
+
+def step_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@needs_fmnist
+def test_resume_gives_the_loss_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(straight)])
+
+    # The same run, killed right after epoch 1's checkpoint, then resumed with --resume auto.
+    real_loop = pretrain.train_epochs
+
+    def killed_after_first_epoch(**kw):
+        def on_epoch_end(epoch, loss, inner=kw["on_epoch_end"]):
+            inner(epoch, loss)
+            raise Interrupted
+        return real_loop(**{**kw, "on_epoch_end": on_epoch_end})
+
+    monkeypatch.setattr(pretrain, "train_epochs", killed_after_first_epoch)
+    with pytest.raises(Interrupted):
+        pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(stopped)])
+    monkeypatch.setattr(pretrain, "train_epochs", real_loop)
+    assert read_checkpoint(stopped / "checkpoint-last.pth")["epoch"] == 0
+    pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(stopped), "--resume", "auto"])
+
+    straight_losses, resumed_losses = step_losses(straight), step_losses(stopped)
+    assert len(straight_losses) == 8  # 64 images / batch 16 = 4 steps per epoch
+    assert resumed_losses == straight_losses  # every step after the resume equals the uninterrupted run
+    a, b = load_checkpoint(straight / "checkpoint-last.pth"), load_checkpoint(stopped / "checkpoint-last.pth")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+@needs_fmnist
+def test_loss_falls_and_checkpoint_and_preview_are_written(tmp_path):
+    pretrain.cli(["--model", "mae_vit_test", "--limit", "512", "--batch-size", "64", "--epochs", "3",
+                  "--warmup-epochs", "0.5", "--blr", "2e-3", "--log-every", "1", "--quiet",
+                  "--output-dir", str(tmp_path)])
+    losses = step_losses(tmp_path)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05
+    assert (tmp_path / "preview-003.png").stat().st_size > 0
+    ckpt = read_checkpoint(tmp_path / "checkpoint-final.pth")
+    assert ckpt["kind"] == "mae" and ckpt["data"]["dataset"] == "fashion-mnist" and len(ckpt["data"]["labels"]) == 10
+    assert set(ckpt) >= {"model", "optimizer", "epoch", "scaler", "args", "config"}
+
+
+@needs_fmnist
+def test_torchrun_two_ranks_end_with_identical_parameters(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "training" / "ddp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    start = torch.load(tmp_path / "rank0-start.pt", weights_only=True)
+    assert any(not torch.equal(start[k], r0[k]) for k in r0)  # they trained, and stayed in step
+    assert (tmp_path / "out" / "checkpoint-last.pth").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-path", "/nonexistent"], "not found"),
+    (["--mask-ratio", "1.0"], "--mask-ratio"),
+    (["--resume", "/nonexistent.pth"], "no such checkpoint"),
+])
+def test_cli_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        pretrain.cli([*SMALL, "--epochs", "1", "--output-dir", str(tmp_path), *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_gives_defaults_and_rejects_unknown_keys(tmp_path, capsys):
+    good = tmp_path / "good.toml"
+    good.write_text('model = "mae_vit_test"\nepochs = 7\n')
+    args = pretrain.build_parser()
+    from training.cli import parse_with_config
+    ns = parse_with_config(args, ["--config", str(good), "--epochs", "2"])
+    assert ns.model == "mae_vit_test" and ns.epochs == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochz = 3\n")
+    with pytest.raises(SystemExit) as e:
+        pretrain.cli(["--config", str(bad)])
+    assert e.value.code == 2 and "unknown key(s) epochz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.cli(["--config", str(tmp_path / "missing.toml")])
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_repo_config_files_parse(capsys):
+    from training.cli import parse_with_config
+    from training.finetune import build_parser as finetune_parser
+    from training.probe import build_parser as probe_parser
+    parsers = {"pretrain": pretrain.build_parser, "probe": probe_parser, "finetune": finetune_parser}
+    configs = sorted((REPO / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        kind = path.stem.split("_")[0]
+        extra = [] if kind == "pretrain" else ["--checkpoint", "x.pth"]
+        parse_with_config(parsers[kind](), ["--config", str(path), *extra])

@@ -1,0 +1,95 @@
+"""Figures for the model card, drawn with Pillow only: line plots and reconstruction grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from model import MaskedAutoencoderViT
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: Path, title: str, xlabel: str,
+              ylabel: str, size: tuple[int, int] = (640, 400)) -> None:
+    """One or more (x, y) series on shared axes, with min/max tick labels and a legend."""
+    w, h = size
+    left, right, top, bottom = 70, 20, 40, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for s in series.values() for x, _ in s]
+    ys = [y for s in series.values() for _, y in s]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.05 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def pt(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        _, yy = pt(x0, yv)
+        d.line([left - 4, yy, left, yy], fill="black")
+        d.text((4, yy - 6), f"{yv:.3g}", fill="black")
+        xv = x0 + (x1 - x0) * i / 4
+        xx, _ = pt(xv, y0)
+        d.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
+        d.text((xx - 10, h - bottom + 8), f"{xv:.3g}", fill="black")
+    d.text((w // 2 - 4 * len(title), 12), title, fill="black")
+    d.text((w // 2 - 3 * len(xlabel), h - 20), xlabel, fill="black")
+    d.text((4, top - 20), ylabel, fill="black")
+    for i, (name, s) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        points = [pt(x, y) for x, y in s]
+        if len(points) > 1:
+            d.line(points, fill=color, width=2)
+        for px, py in points if len(points) <= 20 else []:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        d.text((w - right - 150, top + 8 + 14 * i), f"— {name}", fill=color)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, mean: Sequence[float],
+                        std: Sequence[float], ratios: Sequence[float], path: Path, seed: int = 0,
+                        scale: int = 3) -> None:
+    """Per ratio, rows of: original | masked | reconstruction | reconstruction + visible, for each image.
+
+    Norm-pix models predict normalised patches; they are put back on the pixel scale with each
+    patch's own mean and std (that uses the hidden pixels' statistics: a visualisation only).
+    """
+    model.eval()
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    blocks = []
+    for ratio in ratios:
+        noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=torch.Generator().manual_seed(seed))
+        _, pred, mask = model(imgs, mask_ratio=ratio, noise=noise)
+        if model.config.norm_pix_loss:
+            target = model.patchify(imgs)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        rec = model.unpatchify(pred)
+        mk = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.config.patch_dim))
+        panels = [imgs, imgs * (1 - mk) + mk * ((0.5 - m) / s), rec, imgs * (1 - mk) + rec * mk]
+        rows = [torch.cat([((p[i:i + 1] * s + m).clamp(0, 1)) for p in panels], dim=-1) for i in range(len(imgs))]
+        blocks.append(torch.cat(rows, dim=-2))
+    grid = torch.cat([torch.nn.functional.pad(b, (0, 0, 0, 4), value=1.0) for b in blocks], dim=-2)[0]
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    im = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (im.width + 60, im.height), "white")
+    canvas.paste(im, (60, 0))
+    d = ImageDraw.Draw(canvas)
+    block_h = im.height / len(ratios)
+    for i, ratio in enumerate(ratios):
+        d.text((4, int(block_h * i + block_h / 2) - 6), f"mask {ratio:.2f}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
