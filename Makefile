@@ -49,5 +49,16 @@ bench: $(VENV)/.test-installed system-deps
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
 
+# Retrain the bundled default model from scratch (about 1.5 h on 2 CPU cores; see MODEL_CARD.md).
+RUN := runs/default
+default-model: $(VENV)/.test-installed system-deps
+	$(VENV)/bin/mae-train --config configs/pretrain_fmnist.toml
+	$(VENV)/bin/mae-probe --config configs/probe_fmnist.toml
+	$(VENV)/bin/mae-finetune --config configs/finetune_fmnist.toml
+	$(VENV)/bin/mae-export --checkpoint $(RUN)/probe/checkpoint-probe.pth \
+		--classifier $(RUN)/finetune/checkpoint-last.pth --precision fp32,fp16 \
+		--name mae-vit-tiny-fmnist --out service/default_model
+	$(PY) -m training.model_card --run $(RUN) --model-dir service/default_model --out docs/model_card
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+
+import tomllib
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse argv; keys of the TOML file named by --config become defaults (unknown keys are an error)."""
     parser.add_argument("--config", type=Path, help="TOML file of defaults (keys are the long flag names)")
-    pre, _ = parser.parse_known_args(argv)
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--config", type=Path)
+    pre, _ = pre_parser.parse_known_args(argv)
     if pre.config is not None:
         if not pre.config.is_file():
             parser.error(f"--config {pre.config}: no such file")
@@ -24,7 +27,11 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         bad = sorted(k for k in values if k.replace("-", "_") not in known)
         if bad:
             parser.error(f"--config {pre.config}: unknown key(s) {', '.join(bad)}")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+        defaults = {k.replace("-", "_"): v for k, v in values.items()}
+        parser.set_defaults(**defaults)
+        for action in parser._actions:  # a required flag given by the file is no longer required on the line
+            if action.dest in defaults:
+                action.required = False
     return parser.parse_args(argv)
 
 

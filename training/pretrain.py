@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,8 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import CONFIGS, MaskedAutoencoderViT, get_config
 from training.cli import run_cli
-from training.common import (MetricsLog, build_loader, resume_state, step_generator, train_epochs,
-                             write_checkpoint)
+from training.common import MetricsLog, build_loader, resume_state, step_generator, train_epochs, write_checkpoint
 from training.data import build_dataset
 from training.dist import cleanup, init_distributed
 from training.optim import param_groups

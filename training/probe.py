@@ -1,17 +1,20 @@
 """`mae-probe`: the MAE linear-probe protocol on a frozen encoder.
 
-Features of the whole (unmasked) image are extracted once and cached in memory; the head is
-BatchNorm1d(affine=False) + Linear trained with LARS, warmup then cosine, as the official
-`main_linprobe.py`. `--pooling best` picks cls / mean / cls+mean on a validation split held out
-of the training set, then retrains on the full training set and reports top-1 on the test split.
+Features of the whole (unmasked) image are extracted once (and cached on disk with
+`--feature-cache`); the head is BatchNorm1d(affine=False) + Linear. `--optimizer lars` trains it as
+the official `main_linprobe.py` (LARS, warmup then cosine); `--optimizer lbfgs` fits the same head
+to convergence as a full-batch L2-regularised logistic regression on the standardised features.
+`--pooling best` picks cls / mean / cls+mean (and, for L-BFGS, the L2 strength) on a validation
+split held out of the training set, then retrains on the full training set and reports top-1 on
+the test split.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--val-size", type=int, default=5000, help="held-out training images for --pooling best")
+    p.add_argument("--optimizer", default="lars", choices=["lars", "lbfgs"])
+    p.add_argument("--l2", type=float, nargs="+", default=[1e-4],
+                   help="L-BFGS: L2 strength(s); with several, --pooling best picks one on the validation split")
+    p.add_argument("--feature-cache", type=Path, default=None, help="file to store / reuse extracted features")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--warmup-epochs", type=float, default=10)
     p.add_argument("--batch-size", type=int, default=1024)
@@ -94,7 +101,9 @@ def make_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-def train_head(x: Tensor, y: Tensor, num_classes: int, args: argparse.Namespace) -> nn.Sequential:
+def train_head(x: Tensor, y: Tensor, num_classes: int, args: argparse.Namespace, l2: float = 0.0) -> nn.Sequential:
+    if args.optimizer == "lbfgs":
+        return train_head_lbfgs(x, y, num_classes, l2, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     head = make_head(x.shape[1], num_classes)
@@ -111,6 +120,29 @@ def train_head(x: Tensor, y: Tensor, num_classes: int, args: argparse.Namespace)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    return head.eval()
+
+
+def train_head_lbfgs(x: Tensor, y: Tensor, num_classes: int, l2: float, seed: int) -> nn.Sequential:
+    """BatchNorm statistics of the whole training set, then the Linear layer by full-batch L-BFGS."""
+    torch.manual_seed(seed)
+    head = make_head(x.shape[1], num_classes)
+    bn, linear = head[0], head[1]
+    bn.momentum = None  # cumulative average: one full-batch pass sets the exact mean and (unbiased) variance
+    with torch.no_grad():
+        bn.train()(x)
+    z = bn.eval()(x)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=1000, history_size=20,
+                            tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(linear(z), y) + l2 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    bn.momentum = 0.1
     return head.eval()
 
 
@@ -133,28 +165,35 @@ def main(args: argparse.Namespace) -> None:
     train = build_dataset(dataset_name, "train", config.img_size, config.in_chans, train=False,
                           root=args.data_path, limit=args.limit)
     test = build_dataset(dataset_name, "test", config.img_size, config.in_chans, train=False, root=args.data_path)
-    x_train, x_test = extract_latents(encoder, train, quiet=args.quiet), extract_latents(encoder, test, quiet=args.quiet)
-    y_train, y_test = _targets(train), _targets(test)
+    if args.feature_cache and args.feature_cache.is_file():
+        x_train, y_train, x_test, y_test = torch.load(args.feature_cache, weights_only=True)
+    else:
+        x_train, x_test = extract_latents(encoder, train, quiet=args.quiet), extract_latents(encoder, test, quiet=args.quiet)
+        y_train, y_test = _targets(train), _targets(test)
+        if args.feature_cache:
+            torch.save((x_train, y_train, x_test, y_test), args.feature_cache)
     num_classes = len(train.labels)
 
     results: dict[str, float] = {}
-    pooling = args.pooling
-    if pooling == "best":
+    pooling, l2 = args.pooling, args.l2[0]
+    if pooling == "best" or len(args.l2) > 1:
         n_fit = len(x_train) - args.val_size
         if n_fit <= 0:
             raise ValueError(f"--val-size {args.val_size} leaves no training images")
-        for p in POOLINGS:
-            head = train_head(pooled(x_train[:n_fit], p), y_train[:n_fit], num_classes, args)
-            results[f"val_top1_{p}"] = top1(head, pooled(x_train[n_fit:], p), y_train[n_fit:])
+        candidates = [(p, c) for p in (POOLINGS if pooling == "best" else (pooling,)) for c in args.l2]
+        for p, c in candidates:
+            head = train_head(pooled(x_train[:n_fit], p), y_train[:n_fit], num_classes, args, c)
+            results[f"val_top1_{p}_l2_{c:g}"] = top1(head, pooled(x_train[n_fit:], p), y_train[n_fit:])
             if not args.quiet:
-                print(f"  pooling {p:9s} val top-1 {results[f'val_top1_{p}']:.2f}%")
-        pooling = max(POOLINGS, key=lambda p: results[f"val_top1_{p}"])
-    head = train_head(pooled(x_train, pooling), y_train, num_classes, args)
+                print(f"  pooling {p:9s} l2 {c:g}: val top-1 {results[f'val_top1_{p}_l2_{c:g}']:.2f}%", flush=True)
+        pooling, l2 = max(candidates, key=lambda pc: results[f"val_top1_{pc[0]}_l2_{pc[1]:g}"])
+    head = train_head(pooled(x_train, pooling), y_train, num_classes, args, l2)
     acc = top1(head, pooled(x_test, pooling), y_test)
     train_acc = top1(head, pooled(x_train, pooling), y_train)
 
     output = args.output or Path(args.checkpoint).with_name("checkpoint-probe.pth")
-    metrics = {"probe_top1": acc, "probe_train_top1": train_acc, "pooling": pooling, **results}
+    metrics = {"probe_top1": acc, "probe_train_top1": train_acc, "pooling": pooling, "optimizer": args.optimizer,
+               **({"l2": l2} if args.optimizer == "lbfgs" else {}), **results}
     save_checkpoint(output, {
         **{k: ckpt[k] for k in ("model", "config", "data") if k in ckpt},
         "kind": "probe", "epoch": ckpt.get("epoch"), "optimizer": None, "scaler": None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,15 @@ async def async_client(model_dir: Path, **overrides: Any) -> AsyncIterator[httpx
             while (await client.get("/health/ready")).status_code != 200:
                 await asyncio.sleep(0.01)
             yield client
+
+
+async def _until_reserved(client: httpx.AsyncClient, key: str, timeout_s: float = 30.0) -> None:
+    """Wait until a caller holds a reservation in queue `key` (no fixed sleep: the machine may be slow)."""
+    batcher = client._transport.app.state.server.batcher
+    deadline = time.monotonic() + timeout_s
+    while not (key in batcher.queues and batcher.queues[key].reserved):
+        assert time.monotonic() < deadline, f"no reservation in queue {key!r} after {timeout_s} s"
+        await asyncio.sleep(0.005)
 
 
 def embed(client: httpx.AsyncClient, data: bytes) -> Any:
@@ -67,7 +77,7 @@ def test_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(ti
         async with async_client(tiny_model_dir, request_timeout_s=0.2, max_batch_delay_ms=5000) as client:
             runs_before = metric((await client.get("/metrics")).text, "mae_ort_runs_total", graph="encoder")
             a = asyncio.create_task(embed(client, slow))
-            await asyncio.sleep(0.05)
+            await _until_reserved(client, "encoder")  # A holds its place and is decoding
             b = await embed(client, sample_png())
             assert b.status_code == 504 and b.json()["error"]["type"] == "deadline_exceeded", b.text
             assert (await a).status_code == 504

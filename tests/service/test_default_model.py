@@ -1,0 +1,77 @@
+"""The bundled default model (trained here on Fashion-MNIST): it loads, serves, and is right on real test images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from service_helpers import ROOT, make_client
+
+from service.model_dir import load_model_dir
+from service.settings import BUNDLED_MODEL_DIR
+
+FIXTURE = ROOT / "tests" / "fixtures" / "fmnist"
+IMAGES = json.loads((FIXTURE / "labels.json").read_text())["images"]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with make_client(BUNDLED_MODEL_DIR, max_images_per_request=32) as c:
+        yield c
+
+
+def post_all(client, route: str, **params) -> list[dict]:
+    out = []
+    for start in range(0, len(IMAGES), 25):
+        chunk = IMAGES[start:start + 25]
+        files = [("image", (r["file"], (FIXTURE / r["file"]).read_bytes(), "image/png")) for r in chunk]
+        resp = client.post(route, files=files, params=params)
+        assert resp.status_code == 200, resp.text
+        out += resp.json()["data"]
+    return out
+
+
+def test_bundled_directory_passes_the_loader_checks():
+    model_dir = load_model_dir(BUNDLED_MODEL_DIR)  # sha256 of every file against model.json
+    spec = model_dir.spec
+    assert spec.labels == json.loads((FIXTURE / "labels.json").read_text())["labels"]
+    assert spec.architecture.img_size == 28 and spec.architecture.in_chans == 1
+    assert model_dir.has("decoder") and model_dir.has("classifier")
+    assert sum(f.stat().st_size for f in Path(BUNDLED_MODEL_DIR).iterdir()) <= 30_000_000
+
+
+def test_server_starts_on_it_and_reports_the_model(client):
+    info = client.get("/info").json()
+    assert info["model"]["name"] == "mae-vit-tiny-fmnist"
+
+
+def test_classify_is_right_on_at_least_85_percent_of_the_fixture(client):
+    data = post_all(client, "/classify", top_k=1)
+    predicted = [d["predictions"][0]["class_id"] for d in data]
+    accuracy = np.mean([p == r["class_id"] for p, r in zip(predicted, IMAGES, strict=True)])
+    assert accuracy >= 0.85, accuracy
+
+
+def nearest_centroid_accuracy(client) -> float:
+    """Centroids from 10 fixture images per class, queries: the other 10 per class (Euclidean, unit-norm embeddings)."""
+    emb = np.array([d["embedding"] for d in post_all(client, "/embed", normalize=True)])
+    labels = np.array([r["class_id"] for r in IMAGES])
+    is_centroid = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        is_centroid[np.flatnonzero(labels == c)[:10]] = True
+    centroids = np.stack([emb[is_centroid & (labels == c)].mean(0) for c in range(10)])
+    dist = ((emb[~is_centroid][:, None, :] - centroids[None]) ** 2).sum(-1)
+    return float(np.mean(dist.argmin(1) == labels[~is_centroid]))
+
+
+def test_embeddings_nearest_centroid_regression_floor(client):
+    # Measured 0.62 with the bundled model (MAE features are linearly separable, 88% probe, but not
+    # clustered: nearest-centroid on raw pixels is in the same range). This floor catches regressions.
+    assert nearest_centroid_accuracy(client) > 0.55
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 target (> 75%) not reached by the bundled MAE embeddings: 0.62")
+def test_embeddings_nearest_centroid_reaches_the_issue_target(client):
+    assert nearest_centroid_accuracy(client) > 0.75

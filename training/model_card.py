@@ -1,0 +1,73 @@
+"""Figures and figures-of-merit for the model card, from a run directory and the exported model.
+
+    python -m training.model_card --run runs/default --model-dir service/default_model --out docs/model_card
+
+Writes `loss_curve.png` (pretraining loss per epoch, fine-tuning test top-1 per epoch),
+`reconstructions.png` (test images at mask ratios 0.5 / 0.75 / 0.9) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from model import read_checkpoint
+from model.checkpoint import build_autoencoder
+from training.data import build_dataset
+from training.figures import line_plot, reconstruction_grid
+
+
+def epoch_records(metrics: Path) -> dict[int, dict]:
+    """The per-epoch records of a JSONL log (the last one wins when a resumed run repeated an epoch)."""
+    records = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "step" not in r and "epoch" in r:
+            records.setdefault(r["epoch"], {}).update(r)
+    return dict(sorted(records.items()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, default=Path("runs/default"))
+    p.add_argument("--model-dir", type=Path, default=Path("service/default_model"))
+    p.add_argument("--out", type=Path, default=Path("docs/model_card"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    pre = epoch_records(args.run / "pretrain" / "metrics.jsonl")
+    fine = epoch_records(args.run / "finetune" / "metrics.jsonl")
+    line_plot({"pretraining loss (norm-pix MSE, masked patches)": [(e + 1, r["train_loss"]) for e, r in pre.items()]},
+              args.out / "loss_curve.png", "MAE pretraining on Fashion-MNIST", "epoch", "loss")
+    if fine:
+        line_plot({"fine-tuning test top-1 (%)": [(e + 1, r["test_top1"]) for e, r in fine.items() if "test_top1" in r]},
+                  args.out / "finetune_top1.png", "Fine-tuning", "epoch", "top-1 %")
+
+    probe_ckpt = read_checkpoint(args.run / "probe" / "checkpoint-probe.pth")
+    mae = build_autoencoder(probe_ckpt)
+    data = probe_ckpt["data"]
+    test = build_dataset(data["dataset"], "test", mae.config.img_size, mae.config.in_chans, train=False)
+    imgs = torch.stack([test[i][0] for i in range(8)])
+    reconstruction_grid(mae, imgs, data["mean"], data["std"], (0.5, 0.75, 0.9), args.out / "reconstructions.png")
+
+    model_json = json.loads((args.model_dir / "model.json").read_text())
+    summary = {
+        "pretrain_epochs": len(pre),
+        "pretrain_seconds": round(sum(r.get("epoch_seconds", 0) for r in pre.values())),
+        "pretrain_final_loss": list(pre.values())[-1]["train_loss"],
+        "finetune_epochs": len(fine),
+        "finetune_seconds": round(sum(r.get("epoch_seconds", 0) for r in fine.values())),
+        "probe": probe_ckpt["classifier"]["metrics"],
+        "finetune_top1": list(fine.values())[-1].get("test_top1") if fine else None,
+        "classifier": model_json.get("classifier"),
+        "model_dir_bytes": sum(f.stat().st_size for f in args.model_dir.iterdir()),
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
