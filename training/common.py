@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import time
@@ -15,8 +16,39 @@ from tqdm import tqdm
 
 from model import read_checkpoint, save_checkpoint
 from training.data import SeededDataset
-from training.dist import DistInfo, mean_across_ranks
+from training.dist import DistInfo, cleanup, init_distributed, mean_across_ranks
 from training.optim import lr_at, set_lr
+
+
+def add_loop_args(p: argparse.ArgumentParser, output_dir: str, epochs: int, warmup_epochs: float, blr: float,
+                  min_lr: float) -> None:
+    """The flags of the shared training loop (`train_epochs`): schedule, batch, precision, checkpoints, logs."""
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
+    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--accum-iter", type=int, default=1)
+    p.add_argument("--blr", type=float, default=blr, help="lr = blr * effective batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=min_lr)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=Path(output_dir))
+    p.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for output-dir/checkpoint-last.pth")
+    p.add_argument("--log-every", type=int, default=50, help="steps between JSONL step records")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_distributed(fn: Callable[[argparse.Namespace, DistInfo], None], args: argparse.Namespace) -> None:
+    """Run `fn(args, info)` in the process group torchrun set up (or alone), and always leave it."""
+    info = init_distributed(args.device)
+    try:
+        fn(args, info)
+    finally:
+        cleanup(info)
 
 
 def build_loader(dataset: SeededDataset, batch_size: int, info: DistInfo, seed: int, train: bool,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,9 +18,18 @@ from torch.nn.parallel import DistributedDataParallel
 from model import ViTClassifier, read_checkpoint
 from model.checkpoint import checkpoint_config
 from training.cli import run_cli
-from training.common import MetricsLog, build_loader, evaluate_top1, resume_state, train_epochs, write_checkpoint
+from training.common import (
+    MetricsLog,
+    add_loop_args,
+    build_loader,
+    evaluate_top1,
+    resume_state,
+    run_distributed,
+    train_epochs,
+    write_checkpoint,
+)
 from training.data import build_dataset
-from training.dist import DistInfo, cleanup, init_distributed
+from training.dist import DistInfo
 from training.optim import param_groups
 
 
@@ -31,36 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="default: the checkpoint's training data set")
     p.add_argument("--data-path", default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--warmup-epochs", type=float, default=1)
-    p.add_argument("--batch-size", type=int, default=256, help="per process")
-    p.add_argument("--accum-iter", type=int, default=1)
-    p.add_argument("--blr", type=float, default=1e-3, help="lr = blr * effective batch / 256")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    add_loop_args(p, "runs/finetune", epochs=10, warmup_epochs=1, blr=1e-3, min_lr=1e-6)
     p.add_argument("--layer-decay", type=float, default=0.75)
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--crop-scale-min", type=float, default=0.5, help="RandomResizedCrop area lower bound")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=Path("runs/finetune"))
-    p.add_argument("--save-every", type=int, default=1)
-    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for output-dir/checkpoint-last.pth")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--quiet", action="store_true")
     return p
 
 
 def main(args: argparse.Namespace) -> None:
-    info = init_distributed(args.device)
-    try:
-        _finetune(args, info)
-    finally:
-        cleanup(info)
+    run_distributed(_finetune, args)
 
 
 def _finetune(args: argparse.Namespace, info) -> None:

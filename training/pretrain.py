@@ -15,9 +15,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import CONFIGS, MaskedAutoencoderViT, get_config
 from training.cli import run_cli
-from training.common import MetricsLog, build_loader, resume_state, step_generator, train_epochs, write_checkpoint
+from training.common import (
+    MetricsLog,
+    add_loop_args,
+    build_loader,
+    resume_state,
+    run_distributed,
+    step_generator,
+    train_epochs,
+    write_checkpoint,
+)
 from training.data import build_dataset
-from training.dist import cleanup, init_distributed
 from training.optim import param_groups
 
 
@@ -30,34 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "imagefolder"])
     p.add_argument("--data-path", default=None, help="IDX directory (fashion-mnist) or folder with train/")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--warmup-epochs", type=float, default=4)
-    p.add_argument("--batch-size", type=int, default=256, help="per process")
-    p.add_argument("--accum-iter", type=int, default=1)
-    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=Path("runs/pretrain"))
-    p.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs")
-    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for output-dir/checkpoint-last.pth")
-    p.add_argument("--log-every", type=int, default=50, help="steps between JSONL step records")
+    add_loop_args(p, "runs/pretrain", epochs=40, warmup_epochs=4, blr=1.5e-4, min_lr=0.0)
     p.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                    help="write a reconstruction PNG per epoch")
-    p.add_argument("--quiet", action="store_true")
     return p
 
 
 def main(args: argparse.Namespace) -> None:
-    info = init_distributed(args.device)
-    try:
-        _pretrain(args, info)
-    finally:
-        cleanup(info)
+    run_distributed(_pretrain, args)
 
 
 def _pretrain(args: argparse.Namespace, info) -> None:
