@@ -52,7 +52,7 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: Path, titl
             d.line(points, fill=color, width=2)
         for px, py in points if len(points) <= 20 else []:
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        d.text((w - right - 150, top + 8 + 14 * i), f"- {name}", fill=color)
+        d.text((left + 10, top + 8 + 14 * i), f"- {name}", fill=color)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
