@@ -67,12 +67,14 @@ def reconstruction_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, mean: S
     patch's own mean and std (that uses the hidden pixels' statistics: a visualisation only).
     """
     model.eval()
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+    device = next(model.parameters()).device
+    imgs = imgs.to(device)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     blocks = []
     for ratio in ratios:
         noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=torch.Generator().manual_seed(seed))
-        _, pred, mask = model(imgs, mask_ratio=ratio, noise=noise)
+        _, pred, mask = model(imgs, mask_ratio=ratio, noise=noise.to(device))
         if model.config.norm_pix_loss:
             target = model.patchify(imgs)
             pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
@@ -82,7 +84,7 @@ def reconstruction_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, mean: S
         rows = [torch.cat([((p[i:i + 1] * s + m).clamp(0, 1)) for p in panels], dim=-1) for i in range(len(imgs))]
         blocks.append(torch.cat(rows, dim=-2))
     grid = torch.cat([torch.nn.functional.pad(b, (0, 0, 0, 4), value=1.0) for b in blocks], dim=-2)[0]
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     im = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     canvas = Image.new("RGB", (im.width + 60, im.height), "white")

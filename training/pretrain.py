@@ -6,11 +6,8 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 from model import CONFIGS, MaskedAutoencoderViT, get_config
@@ -26,6 +23,7 @@ from training.common import (
     write_checkpoint,
 )
 from training.data import build_dataset
+from training.figures import reconstruction_grid
 from training.optim import param_groups
 
 
@@ -105,7 +103,9 @@ def _pretrain(args: argparse.Namespace, info) -> None:
         if last:
             write_checkpoint(args.output_dir, "checkpoint-final.pth", state, info)
         if preview_imgs is not None:
-            save_preview(model, preview_imgs, args.mask_ratio, args.output_dir / f"preview-{epoch + 1:03d}.png")
+            reconstruction_grid(model, preview_imgs, dataset.mean, dataset.std, [args.mask_ratio],
+                                args.output_dir / f"preview-{epoch + 1:03d}.png")
+            model.train()
 
     t0 = time.perf_counter()
     train_epochs(model=ddp, optimizer=optimizer, loader=loader, args=args, info=info, start_epoch=start_epoch,
@@ -126,27 +126,6 @@ def _preview_images(args: argparse.Namespace, config) -> torch.Tensor:
         ds = build_dataset(args.dataset, "train", config.img_size, config.in_chans, train=False,
                            root=args.data_path, limit=8)
     return torch.stack([ds[i][0] for i in range(len(ds))])
-
-
-@torch.no_grad()
-def save_preview(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float, path: Path) -> None:
-    """Rows: original, masked, reconstruction with visible patches pasted (norm-pix: re-scaled per patch)."""
-    model.eval()
-    noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=torch.Generator().manual_seed(0))
-    imgs = imgs.to(next(model.parameters()).device)
-    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise.to(imgs.device))
-    if model.config.norm_pix_loss:
-        target = model.patchify(imgs)
-        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-    m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.config.patch_dim))
-    rec = model.unpatchify(pred)
-    rows = [imgs, imgs * (1 - m), imgs * (1 - m) + rec * m]
-    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # [C, 3H, 8W]
-    lo, hi = grid.amin(), grid.amax()
-    arr = ((grid - lo) / (hi - lo + 1e-8) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(np.ascontiguousarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)).resize(
-        (arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(path)
-    model.train()
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
