@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
@@ -51,6 +51,7 @@ from service.masking import MAX_SEED, len_keep, random_masking
 from service.metrics import Metrics
 from service.model_dir import ModelDirError, load_model_dir
 from service.pipelines import MaskedImage, Pipelines
+from service.responses import JSONResponse
 from service.runtime import Runtime
 from service.schemas import (
     ClassifyJsonRequest,
@@ -100,10 +101,10 @@ class Server:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         s = self.settings
-        inference_pool = ThreadPoolExecutor(1, thread_name_prefix="mae-inference")  # one ORT call at a time
+        inference_pool = ThreadPoolExecutor(s.inference_threads, thread_name_prefix="mae-inference")
         self.decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="mae-decode")
         self.batcher = Batcher(inference_pool, s.max_batch_size, s.max_batch_delay_ms / 1000, s.max_queue,
-                               self.metrics)
+                               self.metrics, concurrency=s.inference_threads)
         started = time.monotonic()
         warm_up = asyncio.get_running_loop().run_in_executor(inference_pool, self.runtime.warm_up)
         warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
@@ -179,6 +180,7 @@ class Server:
             "routes": {"embed": True, "reconstruct": self.runtime.has("decoder"),
                        "classify": self.runtime.has("classifier")},
             "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
+                         "inference_threads": s.inference_threads,
                          "max_queue": s.max_queue, "queue_full_status": s.queue_full_status,
                          "request_timeout_s": s.request_timeout_s},
             "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
@@ -253,7 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for one process; raises ModelDirError or RuntimeConfigError when the model cannot be served."""
     settings = settings or Settings()
     server = Server(settings)
-    app = FastAPI(title="MAE service", version=__version__, lifespan=server.lifespan,
+    app = FastAPI(title="MAE service", version=__version__, lifespan=server.lifespan, default_response_class=JSONResponse,
                   description="Embeddings, reconstructions and labels from a Masked Autoencoder (ONNX Runtime).")
     app.state.server = server
     _install_error_handlers(app, server)
@@ -263,10 +265,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "X-Queue-Time-Ms", "X-Inference-Time-Ms",
                                            "X-Total-Time-Ms", "X-Seed"])
-    auth = _auth_dependency(settings.api_keys)
+    auth = _auth_dependencies(settings.api_keys)
     pipelines, spec = server.pipelines, server.model_dir.spec
 
-    @app.post("/embed", response_model=EmbedResponse, responses=_ERRORS, dependencies=[auth],
+    @app.post("/embed", response_model=EmbedResponse, responses=_ERRORS, dependencies=auth,
               openapi_extra=request_body_doc(EmbedJsonRequest, EmbedOptions))
     async def embed(request: Request) -> JSONResponse:
         """Embeddings of whole images (the encoder on every patch)."""
@@ -286,7 +288,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/reconstruct", response_model=ReconstructResponse, responses={
         **_ERRORS, 200: {"content": {"image/png": {}}, "description": "PNG panel, or JSON with response_format=json"}},
-        dependencies=[auth], openapi_extra=request_body_doc(ReconstructJsonRequest, ReconstructOptions))
+        dependencies=auth, openapi_extra=request_body_doc(ReconstructJsonRequest, ReconstructOptions))
     async def reconstruct_images(request: Request) -> Response:
         """Mask each image (seeded), encode the visible patches, decode, and show or score the result."""
         server.require("decoder", "/reconstruct")
@@ -312,7 +314,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "data": data, "usage": {"images": len(data)},
         }, headers={"X-Seed": str(seed)})
 
-    @app.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, dependencies=[auth],
+    @app.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, dependencies=auth,
               openapi_extra=request_body_doc(ClassifyJsonRequest, ClassifyOptions))
     async def classify(request: Request) -> JSONResponse:
         """Top-k labels with softmax scores from the classifier graph."""
@@ -328,7 +330,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "usage": {"images": len(logits)},
         })
 
-    @app.get("/info", dependencies=[auth])
+    @app.get("/info", dependencies=auth)
     async def info() -> dict[str, Any]:
         """Model card, graphs with their precision and providers in use, batching settings and limits."""
         return server.info()
@@ -363,20 +365,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _auth_dependency(keys: list[str]) -> Any:
-    """A dependency that checks `Authorization: Bearer <key>` when keys are configured."""
-    bearer = HTTPBearer(auto_error=False, description="one of MAE_API_KEYS (only when configured)")
+def _auth_dependencies(keys: list[str]) -> list[Any]:
+    """The route dependencies that check `Authorization: Bearer <key>`; none when no keys are configured
+    (an open server neither pays for the check nor advertises a security scheme)."""
+    if not keys:
+        return []
+    bearer = HTTPBearer(auto_error=False, description="one of MAE_API_KEYS")
     encoded = [k.encode() for k in keys]
 
     async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if not encoded:
-            return
         given = credentials.credentials.encode() if credentials else b""
         if not any(hmac.compare_digest(given, key) for key in encoded):
             raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'",
                                {"WWW-Authenticate": "Bearer"})
 
-    return Depends(check)
+    return [Depends(check)]
 
 
 def _install_error_handlers(app: FastAPI, server: Server) -> None:

@@ -4,7 +4,9 @@ Knows nothing about HTTP or models: a queue holds opaque payloads and calls a sy
 `run_batch(payloads) -> results` in an executor. A caller first *reserves* room (refused at once
 when the queue is full), prepares its payloads, then submits them. A batch that already has
 company waits up to `max_delay_s` for items whose callers hold a reservation (they are being
-prepared right now); a lone item, with nobody else on the way, runs at once.
+prepared right now); a lone item, with nobody else on the way, runs at once. Up to `concurrency`
+batches (over all queues of a Batcher) run at the same time, each in its own executor thread:
+while one runs, the next one forms from the items that arrive meanwhile.
 """
 
 from __future__ import annotations
@@ -76,15 +78,17 @@ class BatchQueue:
     """One queue (one graph and input shape) with one worker task."""
 
     def __init__(self, name: str, run_batch: RunBatch, executor: Executor, max_batch_size: int, max_delay_s: float,
-                 max_queue: int, observer: BatchObserver | None = None):
+                 max_queue: int, observer: BatchObserver | None = None, slots: asyncio.Semaphore | None = None):
         self.name, self.run_batch, self.executor = name, run_batch, executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.observer = observer or BatchObserver()
+        self.slots = slots or asyncio.Semaphore(1)  # batches that may run at once (shared by a Batcher's queues)
         self.pending: deque[_Item] = deque()
         self.reserved = 0  # items promised by callers that are still preparing them
         self.closed = False
         self._wakeup = asyncio.Event()
         self._batch_seconds = 0.0  # moving average, for Retry-After
+        self._running: set[asyncio.Task[None]] = set()
         self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher:{name}")
 
     # -- callers ---------------------------------------------------------------------------------------
@@ -157,6 +161,7 @@ class BatchQueue:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            await self.slots.acquire()  # items keep arriving while every slot is busy: the batch grows
             batch: list[_Item] = []
             self._take(batch, time.monotonic())
             if batch and self.max_delay_s > 0:
@@ -171,7 +176,15 @@ class BatchQueue:
                     self._take(batch, time.monotonic())
                 batch = [i for i in batch if not i.dropped]
             if not batch:
+                self.slots.release()
                 continue
+            task = loop.create_task(self._run(batch), name=f"batch:{self.name}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Item]) -> None:
+        """One batch in the executor; its results (or its error) go to its items' futures. Frees the slot."""
+        try:
             start = time.monotonic()
             for item in batch:
                 item.running = True
@@ -179,24 +192,28 @@ class BatchQueue:
                 item.batch_size = len(batch)
             self.observer.batch(self.name, len(batch), [i.queue_s for i in batch])
             try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [i.payload for i in batch])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.run_batch, [i.payload for i in batch])
             except Exception as e:  # a failed batch fails its requests, not the worker
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(e)
-                continue
+                return
             elapsed = time.monotonic() - start
             self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
             for item, result in zip(batch, results, strict=True):
                 item.compute_s = elapsed
                 if not item.future.done():
                     item.future.set_result(result)
+        finally:
+            self.slots.release()
 
     async def close(self) -> None:
         """Take no new reservations, finish everything accepted, then stop the worker."""
         self.closed = True
         self._wakeup.set()
         await self._task
+        await asyncio.gather(*self._running)
 
 
 class Reservation:
@@ -229,10 +246,11 @@ class Batcher:
     """The queues of one server, created on first use by key (e.g. `encoder`, `reconstruct/K=12`)."""
 
     def __init__(self, executor: Executor, max_batch_size: int, max_delay_s: float, max_queue: int,
-                 observer: BatchObserver | None = None):
+                 observer: BatchObserver | None = None, concurrency: int = 1):
         self.executor = executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.observer = observer
+        self.slots = asyncio.Semaphore(concurrency)  # the executor should have at least this many threads
         self.queues: dict[str, BatchQueue] = {}
         self.closed = False
 
@@ -241,7 +259,7 @@ class Batcher:
             if self.closed:
                 raise QueueClosed("the server is shutting down")
             self.queues[key] = BatchQueue(label or key, run_batch, self.executor, self.max_batch_size,
-                                          self.max_delay_s, self.max_queue, self.observer)
+                                          self.max_delay_s, self.max_queue, self.observer, self.slots)
         return self.queues[key]
 
     async def close(self) -> None:

@@ -76,10 +76,11 @@ class Pipelines:
         return vector.astype(np.float32)
 
     @staticmethod
-    def encode_embedding(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    def encode_embedding(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
+        """float: the float32 array itself (the JSON response writes it as numbers); base64: little-endian f4."""
         if encoding_format == "base64":
             return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-        return vector.tolist()
+        return vector
 
     def top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Softmax over the logits, the k most probable classes first."""

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="images waiting per queue before requests are refused")
     queue_full_status: Literal[429, 503] = Field(503, description="status when a queue is full (with Retry-After)")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival to the start of compute (504)")
+    inference_threads: int = Field(
+        1, ge=1, description="batches that run at once, one ONNX Runtime call each (on a CPU, with "
+        "intra_op_threads 1, one per core keeps every core busy while the event loop takes its share)")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and encoding PNGs")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,3 +77,39 @@ def test_bounded_queue_and_closing() -> None:
             queue.reserve(1)
 
     run(scenario())
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_concurrent_batches_run_at_the_same_time_up_to_the_limit(concurrency: int) -> None:
+    """With `concurrency` slots, that many batches run at once; the next one forms while they run."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+    both_started = threading.Barrier(2)
+
+    def slow(payloads: list[int]) -> list[int]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            both_started.wait(timeout=0.5)  # two batches at once meet here; one alone times out
+        except threading.BrokenBarrierError:
+            pass
+        with lock:
+            running[0] -= 1
+        return payloads
+
+    async def scenario() -> list[list[int]]:
+        batcher = Batcher(ThreadPoolExecutor(2), max_batch_size=1, max_delay_s=0.0, max_queue=16,
+                          concurrency=concurrency)
+        queue = batcher.queue("q", slow)
+
+        async def request(value: int) -> list[int]:
+            with queue.reserve(1) as r:
+                return await r.submit([value], time.monotonic() + 10, BatchTiming())
+
+        results = await asyncio.gather(*(request(v) for v in range(4)))
+        await batcher.close()
+        return results
+
+    assert run(scenario()) == [[0], [1], [2], [3]]
+    assert most[0] == concurrency
