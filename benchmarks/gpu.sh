@@ -2,7 +2,7 @@
 # GPU check (<= 8 min): which ONNX Runtime providers this host has, and, when CUDA is among them,
 # /embed throughput of a ViT-B/16-shaped MAE (random weights) in fp32 and fp16 next to the raw session's.
 #
-#   bash benchmarks/gpu.sh            # results in benchmarks/results/serve-gpu.json (+ a markdown table)
+#   bash benchmarks/gpu.sh            # results in benchmarks/results/serve-gpu.json or $MAE_GPU_RESULT (+ markdown)
 #
 # Needs: onnxruntime-gpu (pip install -e '.[gpu]'), wrk, and either torch (to export the random model once,
 # cached in runs/bench-models) or MAE_BENCH_VITB_DIR pointing at an exported directory with fp32 + fp16.
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-OUT=${OUT:-benchmarks/results/serve-gpu.json}
+RESULT=${MAE_GPU_RESULT:-benchmarks/results/serve-gpu.json}
 START=$(date +%s)
 
 echo "== host"
@@ -54,5 +54,5 @@ fi
 
 echo "== ViT-B/16 /embed on CUDA: fp32 and fp16, batched and naive, vs raw ORT"
 timeout $((8 * 60 - ($(date +%s) - START) - 10)) "$PY" benchmarks/serve.py --models vitb --precisions fp32,fp16 \
-    --device cuda --vitb-batch 32 --seconds 6 --raw-seconds 2 --raw-batches 1,8,32,64 --out "$OUT"
-echo "== done in $(( $(date +%s) - START )) s; results in $OUT"
+    --device cuda --vitb-batch 32 --seconds 6 --raw-seconds 2 --raw-batches 1,8,32,64 --out "$RESULT"
+echo "== done in $(( $(date +%s) - START )) s; results in $RESULT"

@@ -5,7 +5,7 @@
 2. Our pretraining step vs Hugging Face `ViTMAEForPreTraining` with the same configuration,
    batch, masking noise and threads.
 
-    python benchmarks/train_speed.py [--arch large|base] [--batch 2] [--repeats 5]
+    python benchmarks/train_speed.py [--arch large|base] [--batch 2] [--repeats 5] [--device cuda --amp bf16]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,16 +39,20 @@ class MaskTokenEncoderMAE(MaskedAutoencoderViT):
             x = blk(x)
         latent = self.norm(x)
         # The decoder sees every position already in order: identity restore over all L tokens.
-        pred = self.forward_decoder(latent, torch.arange(mask.shape[1]).expand_as(ids_restore))
+        pred = self.forward_decoder(latent, torch.arange(mask.shape[1], device=imgs.device).expand_as(ids_restore))
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
-def step_time(model, imgs, noise, opt) -> float:
+def step_time(model, imgs, noise, opt, amp: str = "none") -> float:
+    sync = torch.cuda.synchronize if imgs.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    loss = model(imgs, mask_ratio=0.75, noise=noise)[0]
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext():
+        loss = model(imgs, mask_ratio=0.75, noise=noise)[0]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -76,15 +81,17 @@ def hf_model(config):
     return Adapter()
 
 
-def compare(models: dict, imgs, noise, repeats: int) -> dict[str, float]:
+def compare(models: dict, imgs, noise, repeats: int, amp: str = "none") -> dict[str, float]:
+    models = {k: m.to(imgs.device) for k, m in models.items()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in models.items()}
     for k, m in models.items():
         m.train()
-        step_time(m, imgs, noise, opts[k])  # warm-up
+        for _ in range(1 if imgs.device.type == "cpu" else 3):  # warm-up (CUDA: kernels, allocator)
+            step_time(m, imgs, noise, opts[k], amp)
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
         for k, m in models.items():  # interleaved, so drifts in machine load hit both alike
-            times[k].append(step_time(m, imgs, noise, opts[k]))
+            times[k].append(step_time(m, imgs, noise, opts[k], amp))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -96,10 +103,13 @@ def main() -> None:
     p.add_argument("--hf-arch", default="mae_vit_tiny_fmnist")
     p.add_argument("--hf-batch", type=int, default=256)
     p.add_argument("--only", choices=["table2", "huggingface"], default=None, help="run one comparison")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast for the steps")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/train_speed.json"))
     args = p.parse_args()
     torch.manual_seed(0)
-    results = {"threads": torch.get_num_threads()}
+    results = {"threads": torch.get_num_threads(), "device": args.device, "amp": args.amp,
+               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
 
     if args.only != "huggingface":
         table2(args, results)
@@ -113,9 +123,9 @@ def table2(args: argparse.Namespace, results: dict) -> None:
     config = get_config(f"mae_vit_{args.arch}_patch16")
     visible, mask_tokens = MaskedAutoencoderViT(config), MaskTokenEncoderMAE(config)
     mask_tokens.load_state_dict(visible.state_dict(), strict=False)
-    imgs = torch.randn(args.batch, 3, config.img_size, config.img_size)
-    noise = torch.rand(args.batch, config.num_patches)
-    t = compare({"visible_only": visible, "mask_tokens_in_encoder": mask_tokens}, imgs, noise, args.repeats)
+    imgs = torch.randn(args.batch, 3, config.img_size, config.img_size, device=args.device)
+    noise = torch.rand(args.batch, config.num_patches, device=args.device)
+    t = compare({"visible_only": visible, "mask_tokens_in_encoder": mask_tokens}, imgs, noise, args.repeats, args.amp)
     results["paper_table2"] = {"arch": f"vit_{args.arch}_patch16", "batch": args.batch, "step_seconds": t,
                                "speedup": t["mask_tokens_in_encoder"] / t["visible_only"]}
     print(f"ViT-{args.arch[0].upper()} step (batch {args.batch}): visible-only {t['visible_only']:.2f} s, "
@@ -125,9 +135,9 @@ def table2(args: argparse.Namespace, results: dict) -> None:
 def versus_huggingface(args: argparse.Namespace, results: dict) -> None:
     config = get_config(args.hf_arch, layer_norm_eps=1e-12)
     ours, theirs = MaskedAutoencoderViT(config), hf_model(config)
-    imgs = torch.randn(args.hf_batch, config.in_chans, config.img_size, config.img_size)
-    noise = torch.rand(args.hf_batch, config.num_patches)
-    t = compare({"ours": ours, "huggingface": theirs}, imgs, noise, args.repeats)
+    imgs = torch.randn(args.hf_batch, config.in_chans, config.img_size, config.img_size, device=args.device)
+    noise = torch.rand(args.hf_batch, config.num_patches, device=args.device)
+    t = compare({"ours": ours, "huggingface": theirs}, imgs, noise, args.repeats, args.amp)
     results["vs_huggingface"] = {"arch": args.hf_arch, "batch": args.hf_batch, "step_seconds": t,
                                  "ours_over_theirs": t["ours"] / t["huggingface"]}
     print(f"{args.hf_arch} step (batch {args.hf_batch}): ours {t['ours'] * 1e3:.0f} ms, "

@@ -156,13 +156,19 @@ class FashionMNIST(SeededDataset):
 
 
 class ImageFolder(SeededDataset):
-    """root/<class>/<image>: classes sorted by name, images decoded with PIL to `in_chans` channels."""
+    """root/<class>/<image>: classes sorted by name, images decoded with PIL to `in_chans` channels.
 
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    Normalized with ImageNet's statistics (RGB) or 0.5 / 0.5 (grayscale); `mean` and `std` say which.
+    """
+
+    @staticmethod
+    def stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
 
     def __init__(self, root: str | Path, transform: Transform, in_chans: int = 3, seed: int = 0,
                  limit: int | None = None):
         super().__init__(transform, seed)
+        self.mean, self.std = self.stats(in_chans)
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such image folder")
@@ -198,7 +204,6 @@ def build_dataset(name: str, split: str, img_size: int, in_chans: int, train: bo
     if name == "imagefolder":
         if not root:
             raise ValueError("the imagefolder dataset needs --data-path")
-        mean, std = (ImageFolder.mean, ImageFolder.std) if in_chans == 3 else ((0.5,), (0.5,))
-        t = Transform(img_size, mean, std, train, scale=scale)
+        t = Transform(img_size, *ImageFolder.stats(in_chans), train, scale=scale)
         return ImageFolder(Path(root) / split, t, in_chans, seed, limit)
     raise ValueError(f"unknown dataset {name!r} (fashion-mnist, imagefolder)")

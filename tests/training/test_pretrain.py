@@ -126,3 +126,30 @@ def test_repo_config_files_parse(capsys):
     for path in configs:  # the probe and fine-tune files give the required --checkpoint themselves
         args = parse_with_config(parsers[path.stem.split("_")[0]](), ["--config", str(path)])
         assert args.seed == 0
+
+
+def test_imagefolder_pretraining_exports_with_its_own_normalization(tmp_path):
+    """A grayscale model trained on an ImageFolder (mixed modes and sizes) records 1-channel statistics
+    in its checkpoint, and mae-export writes them into a model directory that the service loads."""
+    import numpy as np
+    from PIL import Image
+
+    from service.model_dir import load_model_dir
+    from training.export import export_model_dir
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["boots", "shirts"]):
+        (tmp_path / "data" / "train" / name).mkdir(parents=True)
+        for i in range(8):
+            pixels = (rng.random((30 + 4 * i, 28, 3)) * 255 * (0.5 + c / 2)).astype(np.uint8)
+            im = Image.fromarray(pixels)
+            im.convert("L" if i % 2 else "RGB").save(tmp_path / "data" / "train" / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    run = tmp_path / "run"
+    pretrain.cli(["--model", "mae_vit_test", "--dataset", "imagefolder", "--data-path", str(tmp_path / "data"),
+                  "--batch-size", "8", "--epochs", "1", "--no-preview", "--quiet", "--output-dir", str(run)])
+    ckpt = read_checkpoint(run / "checkpoint-final.pth")
+    assert ckpt["data"]["labels"] == ["boots", "shirts"]
+    assert (ckpt["data"]["mean"], ckpt["data"]["std"]) == ([0.5], [0.5])
+    export_model_dir(run / "checkpoint-final.pth", tmp_path / "model", precisions=("fp32",), name="folder")
+    prep = load_model_dir(tmp_path / "model").spec.preprocessing
+    assert (prep.channels, list(prep.mean), list(prep.std)) == ("L", [0.5], [0.5])
