@@ -218,6 +218,7 @@ def wrk(url: str, body_file: Path, script: Path, concurrency: int, seconds: floa
 def serve_runs(model_dir: Path, precision: str, device: str, body_file: Path, script: Path, flags: list[str],
                concurrencies: list[int], seconds: float) -> list[dict[str, Any]]:
     server = Server(model_dir, "--precision", precision, "--device", device, *flags)
+    log(f"  server: mae-serve {' '.join(flags)}")
     try:
         wrk(server.url, body_file, script, 8, 2)  # warm-up: allocations for the batch sizes to come
         runs = []
@@ -252,16 +253,18 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     log(f"  raw: {raw['img_per_s']:.1f} img/s at batch {raw['best_batch']}")
     # A run must span several full batches, or the closed loop's start-up dominates slow models.
     seconds = max(args.seconds, min(45.0, 5 * max_batch_size / raw["img_per_s"]))
-    batched = serve_runs(model_dir, precision, device, body_file, script, ["--max-batch-size", str(max_batch_size)],
-                         args.concurrency, seconds)
-    naive = serve_runs(model_dir, precision, device, body_file, script, ["--max-batch-size", "1"], args.concurrency,
-                       seconds)
+    extra = args.server_flags.split()
+    batched = serve_runs(model_dir, precision, device, body_file, script,
+                         ["--max-batch-size", str(max_batch_size), *extra], args.concurrency, seconds)
+    naive = serve_runs(model_dir, precision, device, body_file, script, ["--max-batch-size", "1", *extra],
+                       args.concurrency, seconds)
     top = max(args.concurrency)
     b, n = next(r for r in batched if r["concurrency"] == top), next(r for r in naive if r["concurrency"] == top)
     b1 = next((r for r in batched if r["concurrency"] == 1), None)
     n1 = next((r for r in naive if r["concurrency"] == 1), None)
     return {"model": label, "model_dir": str(model_dir), "precision": precision, "device": device,
             "request_bytes": body_file.stat().st_size, "server_max_batch_size": max_batch_size,
+            "server_flags": extra,
             "seconds_per_run": seconds, "raw": raw, "batched": batched, "naive": naive,
             "ratios": {f"server_over_raw_c{top}": b["img_per_s"] / raw["img_per_s"],
                        f"batched_over_naive_c{top}": b["img_per_s"] / n["img_per_s"],
@@ -297,6 +300,8 @@ def main() -> None:
     p.add_argument("--raw-batches", default="1,4,8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--vitb-batch", type=int, default=8,
                    help="server max batch size for ViT-B (CPU throughput is flat past ~8; 32 on a GPU)")
+    p.add_argument("--server-flags", default="", help="more mae-serve flags, the same for the batched and the naive "
+                   "server (e.g. '--inference-threads 1 --intra-op-threads 0')")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     if shutil.which("wrk") is None:

@@ -7,7 +7,6 @@ limit from the header alone, before any pixel data is decompressed (decompressio
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +46,13 @@ class ModelImage:
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode the first frame of an allowed format, upright per EXIF; limits checked before decompression."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+        # No warnings.catch_warnings() here: it swaps process-wide state and is not thread-safe (the decode
+        # pool runs this concurrently). Our own pixel limit below applies before any decompression; PIL's
+        # DecompressionBombWarning may still be logged for images that our limit then refuses.
+        im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise ImageRejected("not a recognised image format") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"image too large to decode ({e})") from e
     except Exception as e:  # PIL raises many types on corrupt headers
         raise ImageRejected(f"cannot read image header ({type(e).__name__}: {e})") from e
