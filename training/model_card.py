@@ -3,7 +3,9 @@
     python -m training.model_card --run runs/default --model-dir service/default_model --out docs/model_card
 
 Writes `loss_curve.png` (pretraining loss per epoch, fine-tuning test top-1 per epoch),
-`reconstructions.png` (test images at mask ratios 0.5 / 0.75 / 0.9) and `summary.json`.
+`reconstructions.png` (test images at mask ratios 0.5 / 0.75 / 0.9) and `summary.json`, which
+also holds nearest-centroid accuracies of the probe's features (train-set centroids, the 10k test
+images as queries) when the probe kept its feature cache.
 """
 
 from __future__ import annotations
@@ -28,6 +30,24 @@ def epoch_records(metrics: Path) -> dict[int, dict]:
         if "step" not in r and "epoch" in r:
             records.setdefault(r["epoch"], {}).update(r)
     return dict(sorted(records.items()))
+
+
+def nearest_centroid(features: Path) -> dict[str, float]:
+    """Top-1 of a nearest-centroid classifier (Euclidean) on the probe's cached features, four ways:
+    as served, L2-normalized, standardized per dimension, and whitened (training-set covariance)."""
+    x_train, y_train, x_test, y_test = (t.double() for t in torch.load(features, weights_only=True))
+    mean, std = x_train.mean(0), x_train.std(0)
+    eigval, eigvec = torch.linalg.eigh(torch.cov((x_train - mean).T))
+    whiten = eigvec / eigval.clamp_min(1e-12).sqrt()
+    unit = torch.nn.functional.normalize
+    views = {"raw": (x_train, x_test), "l2_normalized": (unit(x_train), unit(x_test)),
+             "standardized": ((x_train - mean) / std, (x_test - mean) / std),
+             "whitened": ((x_train - mean) @ whiten, (x_test - mean) @ whiten)}
+    out = {}
+    for name, (a, b) in views.items():
+        centroids = torch.stack([a[y_train == c].mean(0) for c in range(int(y_train.max()) + 1)])
+        out[name] = 100 * (torch.cdist(b, centroids).argmin(1) == y_test).double().mean().item()
+    return out
 
 
 def main() -> None:
@@ -65,6 +85,9 @@ def main() -> None:
         "classifier": model_json.get("classifier"),
         "model_dir_bytes": sum(f.stat().st_size for f in args.model_dir.iterdir()),
     }
+    cache = probe_ckpt["args"].get("feature_cache")
+    if cache and Path(cache).is_file():
+        summary["nearest_centroid_top1"] = nearest_centroid(Path(cache))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
