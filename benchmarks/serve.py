@@ -8,9 +8,11 @@ unless the bundled model exists) it measures
     on a CPU) and off (`--max-batch-size 1`, one ORT run per request), at concurrency 1, 8 and 64,
 with `wrk` (C, one thread, a pre-encoded multipart body from a Lua script) as the load
 generator, so that the client takes little of the CPU the server needs; its CPU time is reported.
+Raw, batched and naive are interleaved over `--rounds` rounds (both servers up throughout), and
+each ratio is taken within a round; the medians are reported, as this machine's load drifts.
 Writes benchmarks/results/serve.json and prints a markdown table.
 
-    .venv/bin/python benchmarks/serve.py [--models default,vitb] [--seconds 8] [--device cpu]
+    .venv/bin/python benchmarks/serve.py [--models default,vitb] [--rounds 3] [--server-flags '...']
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,6 +124,15 @@ def raw_encoder(model_dir: Path, precision: str, device: str, batches: list[int]
     return {**best, "mode": next(k for k, v in results.items() if v is best), "modes": results}
 
 
+def _run_until(session: ort.InferenceSession, feeds: dict[str, np.ndarray], end: float) -> int:
+    """Run the session until `end` (perf_counter), at least twice; the number of runs."""
+    runs = 0
+    while time.perf_counter() < end or runs < 2:
+        session.run(None, feeds)
+        runs += 1
+    return runs
+
+
 def _raw_by_batch(model_dir: Path, precision: str, device: str, batches: list[int], seconds: float,
                   parallel: int) -> dict[str, Any]:
     """Per batch size: `parallel` threads each calling the session in a loop (ORT releases the GIL)."""
@@ -141,16 +153,9 @@ def _raw_by_batch(model_dir: Path, precision: str, device: str, batches: list[in
                  "ids_keep": np.tile(np.arange(a["num_patches"], dtype=np.int64), (batch, 1))}
         session.run(None, feeds)
         start = time.perf_counter()
-
-        def loop() -> int:
-            runs = 0
-            while time.perf_counter() - start < seconds or runs < 2:
-                session.run(None, feeds)
-                runs += 1
-            return runs
-
         with ThreadPoolExecutor(parallel) as pool:
-            runs = sum(pool.map(lambda _: loop(), range(parallel)))
+            jobs = [pool.submit(_run_until, session, feeds, start + seconds) for _ in range(parallel)]
+            runs = sum(job.result() for job in jobs)
         elapsed = time.perf_counter() - start
         by_batch[batch] = runs * batch / elapsed
         if elapsed * parallel / runs > seconds / 2:  # larger batches of a slow model would only cost minutes
@@ -170,14 +175,24 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its live children (uvicorn's workers)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        total += sum(cpu_seconds(int(child)) for child in children.read_text().split())
+    return total
 
 
 class Server:
     """`python -m service` in its own process on a free port."""
 
     def __init__(self, model_dir: Path, *flags: str):
+        self.flags = flags
+        # /metrics answers for one worker process only: batch sizes are read when there is one.
+        self.one_process = "--workers" not in flags or flags[flags.index("--workers") + 1] == "1"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(self.port),
@@ -243,28 +258,30 @@ def wrk(url: str, body_file: Path, script: Path, concurrency: int, seconds: floa
             "client_cpu_pct": 100 * client_cpu / (r["duration_us"] / 1e6)}
 
 
-def serve_runs(model_dir: Path, precision: str, device: str, body_file: Path, script: Path, flags: list[str],
-               concurrencies: list[int], seconds: float) -> list[dict[str, Any]]:
-    server = Server(model_dir, "--precision", precision, "--device", device, *flags)
-    log(f"  server: mae-serve {' '.join(flags)}")
-    try:
-        wrk(server.url, body_file, script, 8, 2)  # warm-up: allocations for the batch sizes to come
-        runs = []
-        for c in concurrencies:
-            server.drain()
-            s0, n0 = server.batch_stats()
-            cpu0 = cpu_seconds(server.proc.pid)
-            run = wrk(server.url, body_file, script, c, seconds)
-            run["server_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - cpu0) / run["wall_s"]
-            server.drain()  # requests still queued when wrk stopped belong to this run's batches
-            s1, n1 = server.batch_stats()
-            run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1)
-            runs.append(run)
-            log(f"  {' '.join(flags) or 'batched'} c={c}: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
-                f"mean batch {run['mean_batch']:.1f}, errors {run['errors']}")
-        return runs
-    finally:
-        server.stop()
+def measure(server: Server, body_file: Path, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+    """One wrk run against a server, with its CPU share and (one process) the mean batch size it ran."""
+    server.drain()
+    s0, n0 = server.batch_stats() if server.one_process else (0.0, 0.0)
+    cpu0 = cpu_seconds(server.proc.pid)
+    run = wrk(server.url, body_file, script, concurrency, seconds)
+    run["server_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - cpu0) / run["wall_s"]
+    server.drain()  # requests still queued when wrk stopped belong to this run's batches
+    if server.one_process:
+        s1, n1 = server.batch_stats()
+        run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1)
+    else:
+        run["mean_batch"] = None
+    return run
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-field median of repeated runs at one concurrency (requests and errors summed)."""
+    out: dict[str, Any] = {"concurrency": runs[0]["concurrency"], "rounds": len(runs),
+                           "requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs)}
+    for key in ("img_per_s", "p50_ms", "p95_ms", "p99_ms", "server_cpu_pct", "client_cpu_pct", "mean_batch"):
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
 
 
 # -- report --------------------------------------------------------------------------------------------------
@@ -272,6 +289,9 @@ def serve_runs(model_dir: Path, precision: str, device: str, body_file: Path, sc
 
 def bench_model(label: str, model_dir: Path, precision: str, device: str, args: argparse.Namespace,
                 work: Path, max_batch_size: int) -> dict[str, Any]:
+    """Raw, batched and naive, interleaved: each round measures the raw session again, then every
+    concurrency on both servers (both running throughout, order alternating per round); ratios are
+    taken within a round and their median reported, so drifts in machine load hit both sides alike."""
     log(f"{label} ({precision}) from {model_dir}")
     body_file = work / f"{label}.body"
     body_file.write_bytes(multipart(sample_image(model_dir)))
@@ -283,21 +303,49 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     # A run must span several full batches, or the closed loop's start-up dominates slow models.
     seconds = max(args.seconds, min(45.0, 5 * max_batch_size / raw["img_per_s"]))
     extra = args.server_flags.split()
-    batched = serve_runs(model_dir, precision, device, body_file, script,
-                         ["--max-batch-size", str(max_batch_size), *extra], args.concurrency, seconds)
-    naive = serve_runs(model_dir, precision, device, body_file, script, ["--max-batch-size", "1", *extra],
-                       args.concurrency, seconds)
+    flags = {"batched": ["--max-batch-size", str(max_batch_size), *extra], "naive": ["--max-batch-size", "1", *extra]}
+    servers: dict[str, Server] = {}
+    rounds = []
+    try:
+        for kind, f in flags.items():
+            servers[kind] = Server(model_dir, "--precision", precision, "--device", device, *f)
+            log(f"  {kind} server: mae-serve {' '.join(f)}")
+        for server in servers.values():
+            wrk(server.url, body_file, script, 8, 2)  # warm-up: allocations for the batch sizes to come
+        for i in range(args.rounds):
+            order = list(servers) if i % 2 == 0 else list(reversed(servers))
+            raw_now = _raw_by_batch(model_dir, precision, device, [raw["best_batch"]], args.raw_seconds,
+                                    parallel=raw["parallel"])["img_per_s"]
+            runs: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in servers}
+            for c in args.concurrency:
+                for kind in order:
+                    run = runs[kind][c] = measure(servers[kind], body_file, script, c, seconds)
+                    log(f"  round {i + 1} {kind} c={c}: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
+                        f"mean batch {run['mean_batch'] if run['mean_batch'] is None else round(run['mean_batch'], 1)}"
+                        f", errors {run['errors']}")
+            rounds.append({"raw_img_per_s": raw_now, "runs": runs})
+            log(f"  round {i + 1} raw: {raw_now:.1f} img/s")
+    finally:
+        for server in servers.values():
+            server.stop()
     top = max(args.concurrency)
-    b, n = next(r for r in batched if r["concurrency"] == top), next(r for r in naive if r["concurrency"] == top)
-    b1 = next((r for r in batched if r["concurrency"] == 1), None)
-    n1 = next((r for r in naive if r["concurrency"] == 1), None)
+    per_round = {
+        f"server_over_raw_c{top}": [r["runs"]["batched"][top]["img_per_s"] / r["raw_img_per_s"] for r in rounds],
+        f"batched_over_naive_c{top}": [r["runs"]["batched"][top]["img_per_s"] / r["runs"]["naive"][top]["img_per_s"]
+                                       for r in rounds],
+    }
+    if 1 in args.concurrency:
+        per_round["p50_c1_batched_over_naive"] = [r["runs"]["batched"][1]["p50_ms"] / r["runs"]["naive"][1]["p50_ms"]
+                                                  for r in rounds]
+    raw["img_per_s_rounds"] = [r["raw_img_per_s"] for r in rounds]
+    raw["img_per_s_median"] = statistics.median(raw["img_per_s_rounds"])
     return {"model": label, "model_dir": str(model_dir), "precision": precision, "device": device,
-            "request_bytes": body_file.stat().st_size, "server_max_batch_size": max_batch_size,
-            "server_flags": extra,
-            "seconds_per_run": seconds, "raw": raw, "batched": batched, "naive": naive,
-            "ratios": {f"server_over_raw_c{top}": b["img_per_s"] / raw["img_per_s"],
-                       f"batched_over_naive_c{top}": b["img_per_s"] / n["img_per_s"],
-                       "p50_c1_batched_over_naive": (b1["p50_ms"] / n1["p50_ms"]) if b1 and n1 else None}}
+            "request_bytes": body_file.stat().st_size, "server_flags": flags, "rounds": args.rounds,
+            "seconds_per_run": seconds, "raw": raw,
+            **{kind: [median_run([r["runs"][kind][c] for r in rounds]) for c in args.concurrency] for kind in flags},
+            "rounds_detail": rounds,
+            "ratios": {name: statistics.median(values) for name, values in per_round.items()},
+            "ratios_per_round": per_round}
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -305,11 +353,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
              "server CPU % | client CPU % | errors |", "|" + "---|" * 12]
     for r in results:
         lines.append(f"| {r['model']} | {r['precision']} | raw ORT (batch {r['raw']['best_batch']}, {r['raw']['mode']}) | | "
-                     f"{r['raw']['img_per_s']:.1f} | | | | {r['raw']['best_batch']} | | | |")
+                     f"{r['raw']['img_per_s_median']:.1f} | | | | {r['raw']['best_batch']} | | | |")
         for kind in ("batched", "naive"):
             for x in r[kind]:
                 lines.append(f"| {r['model']} | {r['precision']} | {kind} | {x['concurrency']} | {x['img_per_s']:.1f} | "
-                             f"{x['p50_ms']:.2f} | {x['p95_ms']:.2f} | {x['p99_ms']:.2f} | {x['mean_batch']:.1f} | "
+                             f"{x['p50_ms']:.2f} | {x['p95_ms']:.2f} | {x['p99_ms']:.2f} | "
+                             f"{'' if x['mean_batch'] is None else round(x['mean_batch'], 1)} | "
                              f"{x['server_cpu_pct']:.0f} | {x['client_cpu_pct']:.0f} | {x['errors']} |")
     lines += ["", "| model | precision | ratio | value |", "|---|---|---|---|"]
     for r in results:
@@ -324,7 +373,8 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,int8", help="for vitb: fp32, fp16 (GPU), int8 (CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--concurrency", default="1,8,64", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--seconds", type=float, default=8.0, help="per wrk run")
+    p.add_argument("--seconds", type=float, default=5.0, help="per wrk run (longer for slow models)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--raw-seconds", type=float, default=2.0, help="per raw batch size")
     p.add_argument("--raw-batches", default="1,4,8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--vitb-batch", type=int, default=8,
@@ -358,7 +408,7 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(), "machine": platform.machine(),
               "onnxruntime": ort.__version__, "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "wall_s": time.time() - started, "load_generator": "wrk -t1, pre-encoded multipart body (Lua)",
-              "min_seconds_per_run": args.seconds, "results": results}
+              "min_seconds_per_run": args.seconds, "rounds": args.rounds, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(results))
