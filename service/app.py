@@ -88,7 +88,7 @@ class Server:
                                 "pass --model-dir or set MAE_MODEL_DIR to a directory written by mae-export")
         self.model_dir = load_model_dir(settings.model_dir, verify_hashes=settings.verify_hashes)
         self.metrics = Metrics()
-        self.runtime = Runtime(self.model_dir, settings.device, settings.precision, settings.intra_op_threads,
+        self.runtime = Runtime(self.model_dir, settings.device, settings.precision, settings.ort_threads_per_call(),
                                settings.inter_op_threads, settings.ort_spinning, on_run=self.metrics.ort_run)
         self.pipelines = Pipelines(self.model_dir, self.runtime, settings.max_image_pixels)
         self.ready = False
@@ -110,8 +110,9 @@ class Server:
         warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
         graphs = ", ".join(f"{g} {d['precision']} on {d['providers'][0]}"
                            for g, d in self.runtime.describe()["graphs"].items())
-        log.info("model %s %s from %s: %s", self.model_dir.spec.name, self.model_dir.spec.version,
-                 self.model_dir.root, graphs)
+        log.info("model %s %s from %s: %s; %d inference threads x %d ONNX Runtime threads per call",
+                 self.model_dir.spec.name, self.model_dir.spec.version, self.model_dir.root, graphs,
+                 s.inference_threads, s.ort_threads_per_call())
         try:
             yield
         finally:
@@ -180,7 +181,7 @@ class Server:
             "routes": {"embed": True, "reconstruct": self.runtime.has("decoder"),
                        "classify": self.runtime.has("classifier")},
             "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
-                         "inference_threads": s.inference_threads,
+                         "inference_threads": s.inference_threads, "ort_threads_per_call": s.ort_threads_per_call(),
                          "max_queue": s.max_queue, "queue_full_status": s.queue_full_status,
                          "request_timeout_s": s.request_timeout_s},
             "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,7 +34,8 @@ class Settings(BaseSettings):
         "auto", description="auto uses CUDA when a session really gets it, else the CPU")
     precision: Literal["fp32", "fp16", "int8"] = Field(
         "fp32", description="graph variant to load; a graph without that variant falls back to fp32")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0: one per core)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per call (0: the usable cores shared out among the inference threads)")
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads across operators")
     ort_spinning: bool = Field(
         False, description="let ORT threads spin between operators (faster alone, steals CPU from HTTP)")
@@ -46,8 +48,9 @@ class Settings(BaseSettings):
     queue_full_status: Literal[429, 503] = Field(503, description="status when a queue is full (with Retry-After)")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival to the start of compute (504)")
     inference_threads: int = Field(
-        1, ge=1, description="batches that run at once, one ONNX Runtime call each (on a CPU, with "
-        "intra_op_threads 1, one per core keeps every core busy while the event loop takes its share)")
+        2, ge=1, description="batches that run at once, one ONNX Runtime call each: while one runs, the next "
+        "one forms and starts on the cores it leaves (1: one call at a time on every core, the lowest latency "
+        "for a lone request to a large model)")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and encoding PNGs")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413)")
@@ -61,6 +64,13 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted requests")
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
+
+    def ort_threads_per_call(self) -> int:
+        """intra_op_threads, or when 0 the cores this process may use divided among the inference threads."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // self.inference_threads)
 
     @field_validator("queue_full_status", mode="before")
     @classmethod

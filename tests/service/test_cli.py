@@ -28,3 +28,11 @@ def test_every_design_setting_is_an_env_variable_and_a_flag(monkeypatch: pytest.
     given = {k: v for k, v in vars(args).items() if v is not None}
     s = Settings(**given)  # flags win over the environment
     assert (s.max_batch_size, s.verify_hashes, s.cors_origins) == (3, False, ["https://x"])
+
+
+def test_ort_threads_per_call_share_out_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert Settings(inference_threads=2).ort_threads_per_call() == 4
+    assert Settings(inference_threads=1).ort_threads_per_call() == 8
+    assert Settings(inference_threads=16).ort_threads_per_call() == 1
+    assert Settings(inference_threads=2, intra_op_threads=3).ort_threads_per_call() == 3  # explicit wins
