@@ -190,9 +190,6 @@ class Server:
     """`python -m service` in its own process on a free port."""
 
     def __init__(self, model_dir: Path, *flags: str):
-        self.flags = flags
-        # /metrics answers for one worker process only: batch sizes are read when there is one.
-        self.one_process = "--workers" not in flags or flags[flags.index("--workers") + 1] == "1"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(self.port),
@@ -259,18 +256,16 @@ def wrk(url: str, body_file: Path, script: Path, concurrency: int, seconds: floa
 
 
 def measure(server: Server, body_file: Path, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
-    """One wrk run against a server, with its CPU share and (one process) the mean batch size it ran."""
+    """One wrk run against a server, with its CPU share (all its processes) and the mean batch size it ran
+    (from /metrics, which adds up every worker's when there are several)."""
     server.drain()
-    s0, n0 = server.batch_stats() if server.one_process else (0.0, 0.0)
+    s0, n0 = server.batch_stats()
     cpu0 = cpu_seconds(server.proc.pid)
     run = wrk(server.url, body_file, script, concurrency, seconds)
     run["server_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - cpu0) / run["wall_s"]
     server.drain()  # requests still queued when wrk stopped belong to this run's batches
-    if server.one_process:
-        s1, n1 = server.batch_stats()
-        run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1)
-    else:
-        run["mean_batch"] = None
+    s1, n1 = server.batch_stats()
+    run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1)
     return run
 
 
@@ -321,8 +316,7 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
                 for kind in order:
                     run = runs[kind][c] = measure(servers[kind], body_file, script, c, seconds)
                     log(f"  round {i + 1} {kind} c={c}: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
-                        f"mean batch {run['mean_batch'] if run['mean_batch'] is None else round(run['mean_batch'], 1)}"
-                        f", errors {run['errors']}")
+                        f"mean batch {run['mean_batch']:.1f}, errors {run['errors']}")
             rounds.append({"raw_img_per_s": raw_now, "runs": runs})
             log(f"  round {i + 1} raw: {raw_now:.1f} img/s")
     finally:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service import __version__
+from service.metrics import MULTIPROC_DIR_ENV
 from service.model_dir import ModelDirError, load_model_dir
 from service.runtime import RuntimeConfigError
 from service.settings import Settings
@@ -53,6 +57,25 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
+@contextlib.contextmanager
+def _multiprocess_metrics_dir() -> Iterator[None]:
+    """PROMETHEUS_MULTIPROC_DIR for the workers: the operator's (emptied of a previous run's files) or a
+    temporary one removed at exit; set before any worker imports prometheus_client."""
+    given = os.environ.get(MULTIPROC_DIR_ENV)
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="mae-metrics-") as tmp:
+        os.environ[MULTIPROC_DIR_ENV] = tmp
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROC_DIR_ENV]
+
+
 def cli(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
@@ -72,7 +95,8 @@ def cli(argv: list[str] | None = None) -> None:
             load_model_dir(settings.model_dir, verify_hashes=False)
             for name in Settings.model_fields:
                 os.environ[f"MAE_{name.upper()}"] = _env_value(getattr(settings, name))
-            uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+            with _multiprocess_metrics_dir():
+                uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
     except (ModelDirError, RuntimeConfigError) as e:
         sys.exit(f"mae-serve: error: {e}")
 

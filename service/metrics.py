@@ -1,11 +1,20 @@
-"""Prometheus metrics (prefix `mae_`), one registry per app so that several apps can live in one process."""
+"""Prometheus metrics (prefix `mae_`), one registry per app so that several apps can live in one process.
+
+With several worker processes (`mae-serve --workers N`) the values live in files under
+`PROMETHEUS_MULTIPROC_DIR` (mae-serve sets it up) and `/metrics` adds up every worker's, whichever
+worker answers the scrape.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.batcher import BatchObserver
 
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -19,7 +28,9 @@ class Metrics(BatchObserver):
         self.requests = Counter("mae_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.request_seconds = Histogram("mae_request_duration_seconds", "HTTP request duration", ["route"],
                                          buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("mae_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.multiprocess = bool(os.environ.get(MULTIPROC_DIR_ENV))
+        self.in_flight = Gauge("mae_requests_in_flight", "HTTP requests being handled", registry=r,
+                               multiprocess_mode="livesum")
         self.images = Counter("mae_images", "images processed by route", ["route"], registry=r)
         self.rejections = Counter("mae_rejections", "requests refused, by reason (the error type)", ["reason"],
                                   registry=r)
@@ -29,12 +40,13 @@ class Metrics(BatchObserver):
                                        ["queue"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("mae_batch_size", "images per batch", ["queue"], buckets=_BATCH_BUCKETS,
                                     registry=r)
-        self.queue_depth = Gauge("mae_queue_depth", "images waiting for a batch", ["queue"], registry=r)
+        self.queue_depth = Gauge("mae_queue_depth", "images waiting for a batch", ["queue"], registry=r,
+                                 multiprocess_mode="livesum")
         self.ort_runs = Counter("mae_ort_runs", "ONNX Runtime session runs by graph", ["graph"], registry=r)
         self.inference_seconds = Histogram("mae_inference_duration_seconds", "ONNX Runtime run duration by graph",
                                            ["graph"], buckets=_LATENCY_BUCKETS, registry=r)
         self.info = Gauge("mae_model_info", "the loaded model (value 1)", ["name", "version", "device", "precision"],
-                          registry=r)
+                          registry=r, multiprocess_mode="max")
 
     # BatchObserver
     def batch(self, queue: str, size: int, queue_seconds: list[float]) -> None:
@@ -54,4 +66,8 @@ class Metrics(BatchObserver):
         self.inference_seconds.labels(graph).observe(seconds)
 
     def exposition(self) -> bytes:
+        if self.multiprocess:  # every worker's values, read from their files
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

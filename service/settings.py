@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     model_dir: Path = Field(BUNDLED_MODEL_DIR, description="model directory (model.json + ONNX files)")
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own sessions and queues")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own sessions and queues "
+                         "(/metrics adds up all of them)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     device: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(

@@ -70,10 +70,25 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server: st
     asyncio.run(scenario())
 
 
-def test_several_workers(tiny_model_dir: Path) -> None:
-    with server_process(tiny_model_dir, "--workers", "2") as (url, _):
-        with httpx.Client(base_url=url, timeout=30) as c:
-            assert all(c.post("/embed", files=files(sample_png())).status_code == 200 for _ in range(4))
+def test_several_workers_serve_and_metrics_add_up_over_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With --workers 2 both processes serve, and every scrape counts every worker's requests."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # a previous run's file: removed at start
+    with server_process(tiny_model_dir, "--workers", "2", env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}) as (
+            url, _):
+        async def scenario() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=30,
+                                         limits=httpx.Limits(max_keepalive_connections=0)) as c:
+                responses = await asyncio.gather(*(c.post("/embed", files=files(sample_png())) for _ in range(48)))
+            return [r.status_code for r in responses]
+
+        assert asyncio.run(scenario()) == [200] * 48
+        counted = [metric(httpx.get(f"{url}/metrics", timeout=10).text, "mae_requests_total", route="/embed",
+                          status="200") for _ in range(6)]
+        served_by = {p.stem.rsplit("_", 1)[1] for p in metrics_dir.glob("counter_*.db")}
+    assert counted == [48.0] * 6
+    assert len(served_by) == 2, served_by  # both workers counted requests (and the stale file is gone)
 
 
 def test_cli_refuses_a_missing_model_directory(tmp_path: Path) -> None:
