@@ -399,6 +399,14 @@ def main() -> None:
                                                args.vitb_batch))
             else:
                 sys.exit(f"bench: unknown model {name!r} (default, vitb)")
+    for r in results:  # reduced precision against fp32 of the same model, batched server at the top concurrency
+        fp32 = next((x for x in results if x["model"] == r["model"] and x["precision"] == "fp32"), None)
+        if fp32 is not None and r is not fp32:
+            top = max(args.concurrency)
+            served = {x["precision"]: next(c for c in x["batched"] if c["concurrency"] == top)["img_per_s"]
+                      for x in (r, fp32)}
+            r["ratios"][f"server_{r['precision']}_over_fp32_c{top}"] = served[r["precision"]] / served["fp32"]
+            r["ratios"][f"raw_{r['precision']}_over_fp32"] = r["raw"]["img_per_s_median"] / fp32["raw"]["img_per_s_median"]
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(), "machine": platform.machine(),
               "onnxruntime": ort.__version__, "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "wall_s": time.time() - started, "load_generator": "wrk -t1, pre-encoded multipart body (Lua)",
