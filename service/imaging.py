@@ -43,8 +43,9 @@ class ModelImage:
     pixels: np.ndarray  # [C, H, W] float32, normalized with the model's mean and std
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode the first frame of an allowed format, upright per EXIF; limits checked before decompression."""
+def read_header(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse only the header (PIL opens lazily): an allowed format and a pixel count within the limit,
+    checked before any pixel data is decompressed."""
     try:
         # No warnings.catch_warnings() here: it swaps process-wide state and is not thread-safe (the decode
         # pool runs this concurrently). Our own pixel limit below applies before any decompression; PIL's
@@ -63,12 +64,22 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     if width < 1 or height < 1:
         raise ImageRejected(f"image has no pixels ({width}x{height})")
+    return im
+
+
+def decode(im: Image.Image) -> Image.Image:
+    """The first frame of an image whose header `read_header` accepted, decoded and upright per EXIF."""
     try:
         im.seek(0)
         im.load()
         return ImageOps.exif_transpose(im)
     except Exception as e:
         raise ImageRejected(f"cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode the first frame of an allowed format, upright per EXIF; limits checked before decompression."""
+    return decode(read_header(data, max_pixels))
 
 
 def to_channels(im: Image.Image, channels: str) -> Image.Image:
@@ -114,7 +125,12 @@ def normalize(rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 def load_model_image(data: bytes, prep: Preprocessing, max_pixels: int) -> ModelImage:
     """Client bytes -> the model's input (decode, orient, convert channels, resize, crop, normalize)."""
-    im = open_image(data, max_pixels)
+    return to_model_image(read_header(data, max_pixels), prep)
+
+
+def to_model_image(header: Image.Image, prep: Preprocessing) -> ModelImage:
+    """An image `read_header` accepted -> the model's input (decode, orient, channels, resize, crop, normalize)."""
+    im = decode(header)
     try:
         im = resize_and_crop(to_channels(im, prep.channels), prep)
     except (OSError, ValueError) as e:

@@ -11,8 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from service.imaging import ModelImage, encode_png, enlarge, load_model_image, panel, to_uint8
+from service.imaging import (
+    ModelImage,
+    encode_png,
+    enlarge,
+    load_model_image,
+    panel,
+    read_header,
+    to_model_image,
+    to_uint8,
+)
 from service.masking import Masking
 from service.model_dir import ModelDir
 from service.reconstruction import Reconstruction, reconstruct
@@ -41,6 +51,14 @@ class Pipelines:
 
     def load(self, data: bytes) -> ModelImage:
         return load_model_image(data, self.spec.preprocessing, self.max_image_pixels)
+
+    def header(self, data: bytes) -> Image.Image:
+        """The image's header only (format and pixel limits checked; nothing decompressed yet)."""
+        return read_header(data, self.max_image_pixels)
+
+    def finish(self, header: Image.Image) -> ModelImage:
+        """Decode an image `header` accepted into the model's input."""
+        return to_model_image(header, self.spec.preprocessing)
 
     # -- batch functions (inference thread) --------------------------------------------------------------
 

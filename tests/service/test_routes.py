@@ -100,6 +100,40 @@ def test_embed_accepts_every_format(client: TestClient, fmt: str) -> None:
     assert r.status_code == 200, r.text
 
 
+def test_small_images_decode_inline_and_the_rest_in_the_pool(client: TestClient) -> None:
+    """Where each image is decoded (Server.decode), and that every path gives the same embedding."""
+    from service.app import INLINE_DECODE_MAX_BYTES, INLINE_DECODE_MAX_PIXELS
+
+    server = client.app.state.server
+    offloaded: list[str] = []
+    real_offload = server.offload
+
+    async def spy(fn, *args):
+        offloaded.append(fn.__name__ if not args else getattr(args[0], "__name__", "?"))
+        return await real_offload(fn, *args)
+
+    server.offload = spy
+    tiny = encode(gradient((28, 28)), "PNG")
+    many_pixels = encode(Image.new("L", (1000, 1000), 40), "PNG")  # a few KB, a million pixels
+    many_bytes = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 150), dtype=np.uint8)), "PNG")
+    assert len(tiny) <= INLINE_DECODE_MAX_BYTES and 28 * 28 <= INLINE_DECODE_MAX_PIXELS
+    assert len(many_pixels) <= INLINE_DECODE_MAX_BYTES < len(many_bytes)
+    for data, expected in ((tiny, []), (many_pixels, ["finish"]), (many_bytes, ["load"])):
+        offloaded.clear()
+        r = client.post("/embed", files=files(data))
+        assert r.status_code == 200, r.text
+        assert offloaded == expected
+    assert error_of(client.post("/embed", files=files(b"GIF89a but not really"))) == (400, "invalid_image")
+    # The same picture gives the same embedding however it was decoded.
+    same = Image.new("RGB", (120, 120), (90, 90, 90))
+    embeddings = []
+    for kw, expected in (({}, []), ({"compress_level": 0}, ["load"])):  # a few hundred bytes, or 43 KB
+        offloaded.clear()
+        embeddings.append(client.post("/embed", files=files(encode(same, "PNG", **kw))).json()["data"][0]["embedding"])
+        assert offloaded == expected
+    np.testing.assert_allclose(embeddings[0], embeddings[1], atol=1e-6)
+
+
 def test_embed_accepts_awkward_modes(client: TestClient) -> None:
     exif = Image.Exif()
     exif[0x0112] = 8
