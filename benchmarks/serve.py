@@ -295,8 +295,10 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     raw = raw_encoder(model_dir, precision, device, args.raw_batches, args.raw_seconds)
     log(f"  raw: {raw['img_per_s']:.1f} img/s at batch {raw['best_batch']} ({raw['mode']}); "
         + ", ".join(f"{k}: {v['img_per_s']:.1f}" for k, v in raw["modes"].items()))
-    # A run must span several full batches, or the closed loop's start-up dominates slow models.
-    seconds = max(args.seconds, min(45.0, 5 * max_batch_size / raw["img_per_s"]))
+    # A run must span several full batches and several turns of every client, or the closed loop's
+    # start-up (all c requests at once) dominates slow models: at c=64 and 5 img/s one turn is 13 s.
+    def seconds_for(c: int) -> float:
+        return max(args.seconds, min(45.0, 3 * max(2 * max_batch_size, c) / raw["img_per_s"]))
     extra = args.server_flags.split()
     flags = {"batched": ["--max-batch-size", str(max_batch_size), *extra], "naive": ["--max-batch-size", "1", *extra]}
     servers: dict[str, Server] = {}
@@ -314,7 +316,7 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
             runs: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in servers}
             for c in args.concurrency:
                 for kind in order:
-                    run = runs[kind][c] = measure(servers[kind], body_file, script, c, seconds)
+                    run = runs[kind][c] = measure(servers[kind], body_file, script, c, seconds_for(c))
                     log(f"  round {i + 1} {kind} c={c}: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
                         f"mean batch {run['mean_batch']:.1f}, errors {run['errors']}")
             rounds.append({"raw_img_per_s": raw_now, "runs": runs})
@@ -335,7 +337,7 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     raw["img_per_s_median"] = statistics.median(raw["img_per_s_rounds"])
     return {"model": label, "model_dir": str(model_dir), "precision": precision, "device": device,
             "request_bytes": body_file.stat().st_size, "server_flags": flags, "rounds": args.rounds,
-            "seconds_per_run": seconds, "raw": raw,
+            "seconds_per_run": {c: seconds_for(c) for c in args.concurrency}, "raw": raw,
             **{kind: [median_run([r["runs"][kind][c] for r in rounds]) for c in args.concurrency] for kind in flags},
             "rounds_detail": rounds,
             "ratios": {name: statistics.median(values) for name, values in per_round.items()},

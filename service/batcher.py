@@ -6,7 +6,8 @@ when the queue is full), prepares its payloads, then submits them. A batch that 
 company waits up to `max_delay_s` for items whose callers hold a reservation (they are being
 prepared right now); a lone item, with nobody else on the way, runs at once. Up to `concurrency`
 batches (over all queues of a Batcher) run at the same time, each in its own executor thread:
-while one runs, the next one forms from the items that arrive meanwhile.
+while one runs, the next one forms from the items that arrive meanwhile, and items waiting when
+several slots are free are shared out among them rather than piled into one batch.
 """
 
 from __future__ import annotations
@@ -74,15 +75,31 @@ class _Item:
     batch_size: int = 0
 
 
+class Slots:
+    """How many batches may run at once, shared by a Batcher's queues; knows how many are free."""
+
+    def __init__(self, count: int):
+        self._semaphore = asyncio.Semaphore(count)
+        self.free = count
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+        self.free -= 1
+
+    def release(self) -> None:
+        self.free += 1
+        self._semaphore.release()
+
+
 class BatchQueue:
     """One queue (one graph and input shape) with one worker task."""
 
     def __init__(self, name: str, run_batch: RunBatch, executor: Executor, max_batch_size: int, max_delay_s: float,
-                 max_queue: int, observer: BatchObserver | None = None, slots: asyncio.Semaphore | None = None):
+                 max_queue: int, observer: BatchObserver | None = None, slots: Slots | None = None):
         self.name, self.run_batch, self.executor = name, run_batch, executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.observer = observer or BatchObserver()
-        self.slots = slots or asyncio.Semaphore(1)  # batches that may run at once (shared by a Batcher's queues)
+        self.slots = slots or Slots(1)
         self.pending: deque[_Item] = deque()
         self.reserved = 0  # items promised by callers that are still preparing them
         self.closed = False
@@ -142,8 +159,8 @@ class BatchQueue:
 
     # -- worker ----------------------------------------------------------------------------------------
 
-    def _take(self, batch: list[_Item], now: float) -> None:
-        while self.pending and len(batch) < self.max_batch_size:
+    def _take(self, batch: list[_Item], now: float, limit: int) -> None:
+        while self.pending and len(batch) < limit:
             item = self.pending.popleft()
             self.observer.depth(self.name, -1)
             if item.deadline <= now:
@@ -162,18 +179,23 @@ class BatchQueue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self.slots.acquire()  # items keep arriving while every slot is busy: the batch grows
+            limit = self.max_batch_size
+            if self.slots.free:  # share the waiting items (and those on their way) out among the idle slots:
+                # two half batches side by side finish sooner than one full batch next to an idle slot
+                waiting = len(self.pending) + self.reserved
+                limit = min(limit, max(1, math.ceil(waiting / (self.slots.free + 1))))
             batch: list[_Item] = []
-            self._take(batch, time.monotonic())
+            self._take(batch, time.monotonic(), limit)
             if batch and self.max_delay_s > 0:
                 window_end = batch[0].enqueued + self.max_delay_s
                 # Wait only for items that are known to be on their way; never for a lone request.
-                while len(batch) < self.max_batch_size and self.reserved and time.monotonic() < window_end:
+                while len(batch) < limit and self.reserved and time.monotonic() < window_end:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), timeout=window_end - time.monotonic())
                     except TimeoutError:
                         break
-                    self._take(batch, time.monotonic())
+                    self._take(batch, time.monotonic(), limit)
                 batch = [i for i in batch if not i.dropped]
             if not batch:
                 self.slots.release()
@@ -250,7 +272,7 @@ class Batcher:
         self.executor = executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.observer = observer
-        self.slots = asyncio.Semaphore(concurrency)  # the executor should have at least this many threads
+        self.slots = Slots(concurrency)  # the executor should have at least this many threads
         self.queues: dict[str, BatchQueue] = {}
         self.closed = False
 

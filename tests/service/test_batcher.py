@@ -24,7 +24,7 @@ def make_queue(calls: list[list[int]], **kwargs) -> tuple[Batcher, BatchQueue]:
         calls.append(list(payloads))
         return [2 * p for p in payloads]
 
-    batcher = Batcher(ThreadPoolExecutor(1), **options)
+    batcher = Batcher(ThreadPoolExecutor(options.get("concurrency", 1)), **options)
     return batcher, batcher.queue("q", double)
 
 
@@ -113,3 +113,20 @@ def test_concurrent_batches_run_at_the_same_time_up_to_the_limit(concurrency: in
 
     assert run(scenario()) == [[0], [1], [2], [3]]
     assert most[0] == concurrency
+
+
+def test_waiting_items_are_shared_out_among_idle_slots() -> None:
+    """Eight items queued while two slots are idle run as two batches of four, not one of eight."""
+    calls: list[list[int]] = []
+
+    async def scenario() -> None:
+        batcher, queue = make_queue(calls, max_batch_size=8, max_delay_s=0.0, concurrency=2)
+        reservations = [queue.reserve(1) for _ in range(8)]
+        # All eight are queued in one step of the event loop, before the worker looks at the queue.
+        tasks = [asyncio.ensure_future(r.submit([i], time.monotonic() + 5, BatchTiming()))
+                 for i, r in enumerate(reservations)]
+        assert [x for t in await asyncio.gather(*tasks) for x in t] == [2 * i for i in range(8)]
+        await batcher.close()
+
+    run(scenario())
+    assert sorted(map(len, calls)) == [4, 4], calls
