@@ -53,11 +53,13 @@ def test_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(ti
     """B waits in a forming batch for a caller still preparing its image; B's deadline passes there: 504, never run.
 
     The other caller is a held reservation (what a request decoding a large image holds), so the
-    test does not depend on how fast this machine decodes.
+    test does not depend on how fast this machine decodes. One inference thread: with an idle second
+    one, B would not wait for company but run at once (the batcher shares work out among idle slots).
     """
 
     async def scenario() -> None:
-        async with async_client(tiny_model_dir, request_timeout_s=0.2, max_batch_delay_ms=5000) as client:
+        async with async_client(tiny_model_dir, request_timeout_s=0.2, max_batch_delay_ms=5000,
+                                inference_threads=1) as client:
             assert (await embed(client, sample_png())).status_code == 200  # a lone request never waits
             runs_before = metric((await client.get("/metrics")).text, "mae_ort_runs_total", graph="encoder")
             queue = client._transport.app.state.server.batcher.queues["encoder"]
