@@ -111,17 +111,60 @@ def multipart(image: bytes) -> bytes:
 # -- raw ONNX Runtime ---------------------------------------------------------------------------------------
 
 
-def raw_encoder(model_dir: Path, precision: str, device: str, batches: list[int], seconds: float) -> dict[str, Any]:
-    """The limit: images per second of the encoder session alone (full-image ids_keep), the best of
-    one session on every core (ORT defaults) and, on a CPU, one single-threaded run per core at once."""
-    one = _raw_by_batch(model_dir, precision, device, batches, seconds, parallel=1)
-    results = {"one_session_all_cores": one}
-    cores = len(os.sched_getaffinity(0))
-    if device == "cpu" and cores > 1:
-        results[f"{cores}_parallel_single_thread_runs"] = _raw_by_batch(model_dir, precision, device, batches,
-                                                                       seconds, parallel=cores)
-    best = max(results.values(), key=lambda r: r["img_per_s"])
-    return {**best, "mode": next(k for k, v in results.items() if v is best), "modes": results}
+class RawEncoder:
+    """The encoder session alone, in process (full-image ids_keep): one session per threading mode,
+    opened once and reused by the sweep and by every round."""
+
+    def __init__(self, model_dir: Path, precision: str, device: str):
+        spec = json.loads((model_dir / "model.json").read_text())
+        self.arch = spec["architecture"]
+        self.path = str(model_dir / spec["files"]["encoder"][precision]["path"])
+        self.providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda"
+                          else ["CPUExecutionProvider"])
+        cores = len(os.sched_getaffinity(0))
+        # parallel runs -> mode name: one session on every core (ORT defaults) and, on a CPU, one
+        # single-threaded run per core at once
+        self.modes = {1: "one_session_all_cores"}
+        if device == "cpu" and cores > 1:
+            self.modes[cores] = f"{cores}_parallel_single_thread_runs"
+        self._sessions: dict[int, ort.InferenceSession] = {}
+
+    def session(self, parallel: int) -> ort.InferenceSession:
+        if parallel not in self._sessions:
+            options = ort.SessionOptions()
+            if parallel > 1:
+                options.intra_op_num_threads = 1
+            self._sessions[parallel] = ort.InferenceSession(self.path, options, providers=self.providers)
+        return self._sessions[parallel]
+
+    def limit(self, batches: list[int], seconds: float) -> dict[str, Any]:
+        """The best images per second over the modes and batch sizes, with each mode's sweep."""
+        results = {name: self.by_batch(batches, seconds, parallel) for parallel, name in self.modes.items()}
+        best = max(results.values(), key=lambda r: r["img_per_s"])
+        return {**best, "mode": next(k for k, v in results.items() if v is best), "modes": results}
+
+    def by_batch(self, batches: list[int], seconds: float, parallel: int) -> dict[str, Any]:
+        """Per batch size: `parallel` threads each calling the session in a loop (ORT releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        a, session = self.arch, self.session(parallel)
+        by_batch: dict[int, float] = {}
+        for batch in batches:
+            feeds = {"pixels": np.random.default_rng(0).standard_normal(
+                         (batch, a["in_chans"], a["img_size"], a["img_size"])).astype(np.float32),
+                     "ids_keep": np.tile(np.arange(a["num_patches"], dtype=np.int64), (batch, 1))}
+            session.run(None, feeds)
+            start = time.perf_counter()
+            with ThreadPoolExecutor(parallel) as pool:
+                jobs = [pool.submit(_run_until, session, feeds, start + seconds) for _ in range(parallel)]
+                runs = sum(job.result() for job in jobs)
+            elapsed = time.perf_counter() - start
+            by_batch[batch] = runs * batch / elapsed
+            if elapsed * parallel / runs > seconds / 2:  # larger batches of a slow model would only cost minutes
+                break
+        best = max(by_batch, key=by_batch.get)
+        return {"img_per_s": by_batch[best], "best_batch": best, "by_batch": by_batch, "parallel": parallel,
+                "providers": session.get_providers()}
 
 
 def _run_until(session: ort.InferenceSession, feeds: dict[str, np.ndarray], end: float) -> int:
@@ -131,38 +174,6 @@ def _run_until(session: ort.InferenceSession, feeds: dict[str, np.ndarray], end:
         session.run(None, feeds)
         runs += 1
     return runs
-
-
-def _raw_by_batch(model_dir: Path, precision: str, device: str, batches: list[int], seconds: float,
-                  parallel: int) -> dict[str, Any]:
-    """Per batch size: `parallel` threads each calling the session in a loop (ORT releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    spec = json.loads((model_dir / "model.json").read_text())
-    a = spec["architecture"]
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    if parallel > 1:
-        options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / spec["files"]["encoder"][precision]["path"]), options,
-                                   providers=providers)
-    by_batch: dict[int, float] = {}
-    for batch in batches:
-        feeds = {"pixels": np.random.default_rng(0).standard_normal(
-                     (batch, a["in_chans"], a["img_size"], a["img_size"])).astype(np.float32),
-                 "ids_keep": np.tile(np.arange(a["num_patches"], dtype=np.int64), (batch, 1))}
-        session.run(None, feeds)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(parallel) as pool:
-            jobs = [pool.submit(_run_until, session, feeds, start + seconds) for _ in range(parallel)]
-            runs = sum(job.result() for job in jobs)
-        elapsed = time.perf_counter() - start
-        by_batch[batch] = runs * batch / elapsed
-        if elapsed * parallel / runs > seconds / 2:  # larger batches of a slow model would only cost minutes
-            break
-    best = max(by_batch, key=by_batch.get)
-    return {"img_per_s": by_batch[best], "best_batch": best, "by_batch": by_batch, "parallel": parallel,
-            "providers": session.get_providers()}
 
 
 # -- the server and the load generator ---------------------------------------------------------------------
@@ -292,7 +303,8 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     body_file.write_bytes(multipart(sample_image(model_dir)))
     script = work / "post.lua"
     script.write_text(WRK_SCRIPT)
-    raw = raw_encoder(model_dir, precision, device, args.raw_batches, args.raw_seconds)
+    encoder = RawEncoder(model_dir, precision, device)
+    raw = encoder.limit(args.raw_batches, args.raw_seconds)
     log(f"  raw: {raw['img_per_s']:.1f} img/s at batch {raw['best_batch']} ({raw['mode']}); "
         + ", ".join(f"{k}: {v['img_per_s']:.1f}" for k, v in raw["modes"].items()))
     # A run must span several full batches and several turns of every client, or the closed loop's
@@ -311,8 +323,7 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
             wrk(server.url, body_file, script, 8, 2)  # warm-up: allocations for the batch sizes to come
         for i in range(args.rounds):
             order = list(servers) if i % 2 == 0 else list(reversed(servers))
-            raw_now = _raw_by_batch(model_dir, precision, device, [raw["best_batch"]], args.raw_seconds,
-                                    parallel=raw["parallel"])["img_per_s"]
+            raw_now = encoder.by_batch([raw["best_batch"]], args.raw_seconds, raw["parallel"])["img_per_s"]
             runs: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in servers}
             for c in args.concurrency:
                 for kind in order:

@@ -90,8 +90,8 @@ class Pipelines:
             vector = np.concatenate([latent[0], latent[1:].mean(axis=0)])
         vector = vector.astype(np.float32)
         if normalize:
-            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        return vector.astype(np.float32)
+            vector /= max(float(np.linalg.norm(vector)), 1e-12)
+        return vector
 
     @staticmethod
     def encode_embedding(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
