@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
+import itertools
 import logging
 import re
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi import __version__ as fastapi_version
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
@@ -73,6 +75,7 @@ log = logging.getLogger("service")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 _REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,200}$")
+_FASTAPI_HAS_TELEMETRY = "telemetry" in inspect.signature(FastAPI.__init__).parameters
 INLINE_DECODE_MAX_BYTES = 16 * 1024  # Server.decode: images decoded on the event loop, not in the pool
 INLINE_DECODE_MAX_PIXELS = 128 * 128
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -121,6 +124,7 @@ class Server:
             await self.batcher.close()  # uvicorn has already waited for the open requests
             inference_pool.shutdown(wait=True)
             self.decode_pool.shutdown(wait=True)
+            self.metrics.close()
 
     def _warmed_up(self, future: asyncio.Future[None], seconds: float) -> None:
         if future.cancelled() or future.exception():
@@ -214,6 +218,9 @@ class RequestContext:
 
     def __init__(self, app: ASGIApp, server: Server):
         self.app, self.server = app, server
+        # generated ids: a random per-process prefix and a counter, 32 hex digits like a uuid4, unique
+        # across workers and restarts without a urandom call per request
+        self._id_prefix, self._id_counter = secrets.token_hex(8), itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -222,7 +229,7 @@ class RequestContext:
         t0 = time.monotonic()
         headers = dict(scope["headers"])
         given_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given_id if _REQUEST_ID.match(given_id) else uuid.uuid4().hex
+        request_id = given_id if _REQUEST_ID.match(given_id) else f"{self._id_prefix}{next(self._id_counter):016x}"
         state = scope.setdefault("state", {})
         state.update(t0=t0, timing=None)
         status = 500
@@ -275,8 +282,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for one process; raises ModelDirError or RuntimeConfigError when the model cannot be served."""
     settings = settings or Settings()
     server = Server(settings)
+    telemetry = {}
+    if not _FASTAPI_HAS_TELEMETRY:
+        if settings.opentelemetry:
+            log.warning("opentelemetry is on, but FastAPI %s has no native OpenTelemetry (0.165+): no spans", fastapi_version)
+    elif not settings.opentelemetry:  # FastAPI's default is on, with a provider check on every request
+        telemetry["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(title="MAE service", version=__version__, lifespan=server.lifespan, default_response_class=JSONResponse,
-                  description="Embeddings, reconstructions and labels from a Masked Autoencoder (ONNX Runtime).")
+                  description="Embeddings, reconstructions and labels from a Masked Autoencoder (ONNX Runtime).",
+                  **telemetry)
     app.state.server = server
     _install_error_handlers(app, server)
     app.add_middleware(RequestContext, server=server)

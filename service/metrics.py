@@ -2,15 +2,18 @@
 
 With several worker processes (`mae-serve --workers N`) the values live in files under
 `PROMETHEUS_MULTIPROC_DIR` (mae-serve sets it up) and `/metrics` adds up every worker's, whichever
-worker answers the scrape.
+worker answers the scrape. A worker's live gauges (requests in flight, queue depth) go with it: it
+removes them when it stops, and a starting worker removes those of workers that died without stopping
+(uvicorn replaces a crashed worker), so the sums never count a dead process.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from service.batcher import BatchObserver
 
@@ -29,6 +32,8 @@ class Metrics(BatchObserver):
         self.request_seconds = Histogram("mae_request_duration_seconds", "HTTP request duration", ["route"],
                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.multiprocess = bool(os.environ.get(MULTIPROC_DIR_ENV))
+        if self.multiprocess:
+            _forget_dead_workers(Path(os.environ[MULTIPROC_DIR_ENV]))
         self.in_flight = Gauge("mae_requests_in_flight", "HTTP requests being handled", registry=r,
                                multiprocess_mode="livesum")
         self.images = Counter("mae_images", "images processed by route", ["route"], registry=r)
@@ -65,9 +70,32 @@ class Metrics(BatchObserver):
         self.ort_runs.labels(graph).inc()
         self.inference_seconds.labels(graph).observe(seconds)
 
+    def close(self) -> None:
+        """At shutdown: with several workers, this process's live gauges leave the sums."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())
+
     def exposition(self) -> bytes:
         if self.multiprocess:  # every worker's values, read from their files
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _forget_dead_workers(directory: Path) -> None:
+    """Remove the live-gauge files of processes that no longer exist (`gauge_live*_<pid>.db`)."""
+    for path in directory.glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), str(directory))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         default_factory=list, repr=False, description="comma-separated Bearer keys; empty: no authentication")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed origins; empty: CORS off")
+    opentelemetry: bool = Field(
+        False, description="FastAPI's native OpenTelemetry spans, metrics and logs through the globally configured "
+        "providers (FastAPI 0.165+); off: only the Prometheus metrics, and no provider check on every request")
     graceful_shutdown_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted requests")
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batcher import Batcher, BatchQueue, BatchTiming, QueueClosed, QueueFull
+from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull
 
 
 def run(coro):
@@ -130,3 +130,69 @@ def test_waiting_items_are_shared_out_among_idle_slots() -> None:
 
     run(scenario())
     assert sorted(map(len, calls)) == [4, 4], calls
+
+
+def test_deadlines_fail_waiting_requests_at_once_and_spare_running_ones() -> None:
+    """One slot, a slow batch running: a request whose deadline passes while it waits fails at its
+    deadline (not when the slot frees) and is never computed; a request already running is answered."""
+    calls: list[list[int]] = []
+    release = threading.Event()
+
+    def slow(payloads: list[int]) -> list[int]:
+        calls.append(list(payloads))
+        release.wait(5)
+        return [2 * p for p in payloads]
+
+    async def scenario() -> None:
+        batcher = Batcher(ThreadPoolExecutor(1), max_batch_size=8, max_delay_s=0, max_queue=16)
+        queue = batcher.queue("q", slow)
+
+        async def request(values: list[int], timeout_s: float) -> list[int]:
+            with queue.reserve(len(values)) as r:
+                return await r.submit(values, time.monotonic() + timeout_s, BatchTiming())
+
+        running = asyncio.ensure_future(request([1], 0.05))  # takes the slot, outlives its deadline
+        await asyncio.sleep(0.02)
+        start = time.monotonic()
+        with pytest.raises(DeadlineExpired):
+            await request([2, 3], 0.1)
+        assert time.monotonic() - start < 1.0  # the slot stays busy until release
+        release.set()
+        assert await running == [2]
+        assert await request([4], 5) == [8]
+        await batcher.close()
+
+    run(scenario())
+    assert calls == [[1], [4]]
+
+
+def test_a_cancelled_request_is_not_computed() -> None:
+    calls: list[list[int]] = []
+    release = threading.Event()
+
+    def slow(payloads: list[int]) -> list[int]:
+        calls.append(list(payloads))
+        release.wait(5)
+        return [2 * p for p in payloads]
+
+    async def scenario() -> None:
+        batcher = Batcher(ThreadPoolExecutor(1), max_batch_size=8, max_delay_s=0, max_queue=16)
+        queue = batcher.queue("q", slow)
+
+        async def request(value: int) -> list[int]:
+            with queue.reserve(1) as r:
+                return await r.submit([value], time.monotonic() + 5, BatchTiming())
+
+        first = asyncio.ensure_future(request(1))
+        await asyncio.sleep(0.02)
+        gone = asyncio.ensure_future(request(2))  # waits behind the running batch, then its client leaves
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        kept = asyncio.ensure_future(request(3))
+        await asyncio.sleep(0.02)
+        release.set()
+        assert await first == [2] and await kept == [6]
+        await batcher.close()
+
+    run(scenario())
+    assert calls == [[1], [3]]

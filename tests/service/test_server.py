@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -16,9 +17,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from service_helpers import ROOT, metric, sample_png, server_process
 
 from service.app import INLINE_DECODE_MAX_BYTES
+from service.metrics import MULTIPROC_DIR_ENV, Metrics
 
 FMNIST = ROOT / "tests" / "fixtures" / "fmnist"
 
@@ -107,8 +111,30 @@ def test_several_workers_serve_and_metrics_add_up_over_them(tiny_model_dir: Path
         counted = [metric(httpx.get(f"{url}/metrics", timeout=10).text, "mae_requests_total", route="/embed",
                           status="200") for _ in range(6)]
         served_by = {p.stem.rsplit("_", 1)[1] for p in metrics_dir.glob("counter_*.db")}
+        assert len(list(metrics_dir.glob("gauge_livesum_*.db"))) >= 2  # requests in flight, per worker
     assert counted == [48.0] * 6
     assert len(served_by) == 2, served_by  # both workers counted requests (and the stale file is gone)
+    assert not list(metrics_dir.glob("gauge_live*_*.db"))  # stopped workers leave the live sums
+
+
+def test_a_worker_that_died_leaves_the_live_sums_when_the_next_one_starts(tmp_path: Path, monkeypatch) -> None:
+    """A killed worker cannot remove its in-flight gauge; the next worker to start (uvicorn's replacement)
+    removes the files of processes that no longer exist."""
+    subprocess.run([sys.executable, "-c", "from prometheus_client import Gauge; "
+                           "Gauge('mae_requests_in_flight', 'x', multiprocess_mode='livesum').inc(3)"],
+                          env={**os.environ, MULTIPROC_DIR_ENV: str(tmp_path)}, check=True, timeout=60)
+    assert list(tmp_path.glob("gauge_livesum_*.db"))
+    monkeypatch.setenv(MULTIPROC_DIR_ENV, str(tmp_path))
+    assert "mae_requests_in_flight 3.0" in _multiprocess_exposition()
+    Metrics()
+    assert "mae_requests_in_flight 3.0" not in _multiprocess_exposition()
+    assert not list(tmp_path.glob("gauge_livesum_*.db"))
+
+
+def _multiprocess_exposition() -> str:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry).decode()
 
 
 def test_cli_refuses_a_missing_model_directory(tmp_path: Path) -> None:
