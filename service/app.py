@@ -310,8 +310,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         options = parse_options(EmbedOptions, raw)
         pooling = options.pooling or spec.embedding.default_pooling
         queue = server.queue("encoder", pipelines.embed_batch, "encoder")
-        _, latents = await server.infer(request, queue, images)
-        vectors = [pipelines.pool(latent, pooling, options.normalize) for latent in latents]
+        _, tokens = await server.infer(request, queue, images)
+        vectors = [pipelines.pool(t, pooling, options.normalize) for t in tokens]
         return JSONResponse({
             "model": spec.name, "dim": int(vectors[0].shape[0]), "pooling": pooling,
             "normalized": options.normalize, "encoding_format": options.encoding_format,

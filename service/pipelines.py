@@ -63,9 +63,13 @@ class Pipelines:
     # -- batch functions (inference thread) --------------------------------------------------------------
 
     def embed_batch(self, images: list[ModelImage]) -> list[np.ndarray]:
-        """Full-image latents [1+L, D], one per image."""
+        """[2, D] float32 per image: the cls token and the mean of the patch tokens of its full-image latent
+        (pooled here, for the whole batch in one numpy call, rather than per request on the event loop)."""
         latent = self.runtime.encode(np.stack([i.pixels for i in images]), self.runtime.all_patches(len(images)))
-        return list(latent)
+        tokens = np.empty((len(images), 2, latent.shape[-1]), dtype=np.float32)
+        tokens[:, 0] = latent[:, 0]
+        np.mean(latent[:, 1:], axis=1, dtype=np.float32, out=tokens[:, 1])
+        return list(tokens)
 
     def reconstruct_batch(self, items: list[MaskedImage]) -> list[np.ndarray]:
         """Decoder predictions [L, p*p*C], one per image (all items of a batch share K)."""
@@ -80,15 +84,9 @@ class Pipelines:
     # -- results -> response values ----------------------------------------------------------------------
 
     @staticmethod
-    def pool(latent: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
-        """latent [1+L, D] -> float32 embedding: cls token, mean of patch tokens, or both concatenated."""
-        if pooling == "cls":
-            vector = latent[0]
-        elif pooling == "mean":
-            vector = latent[1:].mean(axis=0)
-        else:
-            vector = np.concatenate([latent[0], latent[1:].mean(axis=0)])
-        vector = vector.astype(np.float32)
+    def pool(tokens: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+        """[2, D] from embed_batch -> float32 embedding: cls token, mean of patch tokens, or both concatenated."""
+        vector = {"cls": tokens[0], "mean": tokens[1], "cls+mean": tokens.reshape(-1)}[pooling].copy()
         if normalize:
             vector /= max(float(np.linalg.norm(vector)), 1e-12)
         return vector
