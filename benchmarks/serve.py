@@ -7,7 +7,8 @@ unless the bundled model exists) it measures
   - the server (`python -m service`, its own process) with batching on (max batch 32; 8 for ViT-B
     on a CPU) and off (`--max-batch-size 1`, one ORT run per request), at concurrency 1, 8 and 64,
 with `wrk` (C, one thread, a pre-encoded multipart body from a Lua script) as the load
-generator, so that the client takes little of the CPU the server needs; its CPU time is reported.
+generator, so that the client takes little of the CPU the server needs; its CPU time is reported,
+next to the server's (all its threads, and its event loop alone).
 Raw, batched and naive are interleaved over `--rounds` rounds (both servers up throughout), and
 each ratio is taken within a round; the medians are reported, as this machine's load drifts.
 Writes benchmarks/results/serve.json and prints a markdown table.
@@ -185,13 +186,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its live children (uvicorn's workers)."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process and its live children (uvicorn's workers), or of one
+    of its threads (`thread`: the thread id; the process id itself is the main thread, the event loop)."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except FileNotFoundError:
         return 0.0
     total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if thread:
+        return total
     for children in Path(f"/proc/{pid}/task").glob("*/children"):
         total += sum(cpu_seconds(int(child)) for child in children.read_text().split())
     return total
@@ -271,9 +276,11 @@ def measure(server: Server, body_file: Path, script: Path, concurrency: int, sec
     (from /metrics, which adds up every worker's when there are several)."""
     server.drain()
     s0, n0 = server.batch_stats()
-    cpu0 = cpu_seconds(server.proc.pid)
+    pid = server.proc.pid
+    cpu0, loop0 = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
     run = wrk(server.url, body_file, script, concurrency, seconds)
-    run["server_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - cpu0) / run["wall_s"]
+    run["server_cpu_pct"] = 100 * (cpu_seconds(pid) - cpu0) / run["wall_s"]
+    run["event_loop_cpu_pct"] = 100 * (cpu_seconds(pid, thread=pid) - loop0) / run["wall_s"]
     server.drain()  # requests still queued when wrk stopped belong to this run's batches
     s1, n1 = server.batch_stats()
     run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1)
@@ -284,7 +291,8 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The per-field median of repeated runs at one concurrency (requests and errors summed)."""
     out: dict[str, Any] = {"concurrency": runs[0]["concurrency"], "rounds": len(runs),
                            "requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs)}
-    for key in ("img_per_s", "p50_ms", "p95_ms", "p99_ms", "server_cpu_pct", "client_cpu_pct", "mean_batch"):
+    for key in ("img_per_s", "p50_ms", "p95_ms", "p99_ms", "server_cpu_pct", "event_loop_cpu_pct", "client_cpu_pct",
+                "mean_batch"):
         values = [r[key] for r in runs if r[key] is not None]
         out[key] = statistics.median(values) if values else None
     return out
@@ -357,7 +365,7 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| model | precision | server | concurrency | img/s | p50 ms | p95 ms | p99 ms | mean batch | "
-             "server CPU % | client CPU % | errors |", "|" + "---|" * 12]
+             "server CPU % (event loop) | client CPU % | errors |", "|" + "---|" * 12]
     for r in results:
         lines.append(f"| {r['model']} | {r['precision']} | raw ORT (batch {r['raw']['best_batch']}, {r['raw']['mode']}) | | "
                      f"{r['raw']['img_per_s_median']:.1f} | | | | {r['raw']['best_batch']} | | | |")
@@ -366,7 +374,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 lines.append(f"| {r['model']} | {r['precision']} | {kind} | {x['concurrency']} | {x['img_per_s']:.1f} | "
                              f"{x['p50_ms']:.2f} | {x['p95_ms']:.2f} | {x['p99_ms']:.2f} | "
                              f"{'' if x['mean_batch'] is None else round(x['mean_batch'], 1)} | "
-                             f"{x['server_cpu_pct']:.0f} | {x['client_cpu_pct']:.0f} | {x['errors']} |")
+                             f"{x['server_cpu_pct']:.0f} ({x['event_loop_cpu_pct']:.0f}) | {x['client_cpu_pct']:.0f} | "
+                             f"{x['errors']} |")
     lines += ["", "| model | precision | ratio | value |", "|---|---|---|---|"]
     for r in results:
         for name, value in r["ratios"].items():
