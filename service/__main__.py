@@ -84,6 +84,9 @@ def cli(argv: list[str] | None = None) -> None:
     except ValidationError as e:
         sys.exit(f"mae-serve: error: {e}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # python-multipart warns on every malformed form body: a client's 400 (counted in mae_rejections_total),
+    # not a server problem, and a client could fill the log with them
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
                   timeout_graceful_shutdown=settings.graceful_shutdown_s)
     try:

@@ -137,6 +137,17 @@ def _multiprocess_exposition() -> str:
     return generate_latest(registry).decode()
 
 
+def test_malformed_bodies_are_client_errors_not_server_warnings(tiny_model_dir: Path) -> None:
+    with server_process(tiny_model_dir, "--log-level", "warning") as (url, proc):
+        for _ in range(3):
+            r = httpx.post(f"{url}/embed", content=b"\x89PNG, not a form", timeout=30,
+                           headers={"Content-Type": "multipart/form-data; boundary=x"})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_body", r.text
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert "WARNING" not in output, output
+
+
 def test_cli_refuses_a_missing_model_directory(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "service", "--model-dir", str(tmp_path / "nope")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
