@@ -28,6 +28,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -288,9 +289,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("opentelemetry is on, but FastAPI %s has no native OpenTelemetry (0.165+): no spans", fastapi_version)
     elif not settings.opentelemetry:  # FastAPI's default is on, with a provider check on every request
         telemetry["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
-    app = FastAPI(title="MAE service", version=__version__, lifespan=server.lifespan, default_response_class=JSONResponse,
-                  description="Embeddings, reconstructions and labels from a Masked Autoencoder (ONNX Runtime).",
-                  **telemetry)
+    # FastAPIOffline: FastAPI whose /docs and /redoc load their scripts from this server, not a CDN
+    app = FastAPIOffline(title="MAE service", version=__version__, lifespan=server.lifespan,
+                         default_response_class=JSONResponse, **telemetry,
+                         description="Embeddings, reconstructions and labels from a Masked Autoencoder (ONNX Runtime).")
     app.state.server = server
     _install_error_handlers(app, server)
     app.add_middleware(RequestContext, server=server)

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +107,46 @@ async def _drive(ws_url: str, url: str, upload: Path, screenshot: Path) -> dict[
         return state
 
 
+@contextmanager
+def _chromium(profile: Path) -> Iterator[str]:
+    """Headless Chromium on about:blank; yields its page's DevTools websocket."""
+    browser = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield _page_websocket(profile)
+    finally:
+        browser.terminate()
+        browser.wait(timeout=20)
+
+
 def test_demo_page_upload_slider_reconstruction(tiny_model_dir: Path, tmp_path: Path) -> None:
     screenshot = ARTIFACTS / "demo-page.png"
-    with server_process(tiny_model_dir) as (url, _):
-        profile = tmp_path / "chromium-profile"
-        browser = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            state = asyncio.run(_drive(_page_websocket(profile), f"{url}/", SAMPLES / "sneaker.png", screenshot))
-        finally:
-            browser.terminate()
-            browser.wait(timeout=20)
+    with server_process(tiny_model_dir) as (url, _), _chromium(tmp_path / "chromium-profile") as ws_url:
+        state = asyncio.run(_drive(ws_url, f"{url}/", SAMPLES / "sneaker.png", screenshot))
     assert state["seed"] == state["first_seed"]  # the slider keeps the mask's seed
     assert state["scores"].startswith("17 of 49 patches visible")  # int(49 * 0.35)
     assert len(state["labels"]) == 5 and state["status"] == ""
     assert screenshot.stat().st_size > 10_000
+
+
+def test_api_docs_render_without_internet(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Swagger UI at /docs draws every route from this server's own assets (no CDN: this machine has no
+    internet, so a page that needed one would stay blank)."""
+
+    async def drive(ws_url: str, url: str) -> dict[str, Any]:
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            page = DevTools(ws)
+            await page.call("Page.enable")
+            await page.call("Page.navigate", url=url)
+            await page.wait_for("document.querySelectorAll('.opblock').length >= 3")
+            return {"title": await page.evaluate("document.querySelector('.info .title').textContent"),
+                    "paths": await page.evaluate("[...document.querySelectorAll('.opblock-summary-path')]"
+                                                 ".map(e => e.textContent.replace(/\\u200b/g, ''))")}
+
+    with server_process(tiny_model_dir) as (url, _), _chromium(tmp_path / "chromium-profile") as ws_url:
+        state = asyncio.run(drive(ws_url, f"{url}/docs"))
+    assert state["title"].startswith("MAE service")
+    assert {"/embed", "/reconstruct", "/classify"} <= set(state["paths"]), state["paths"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -409,3 +410,15 @@ def test_demo_page_and_samples_are_served(client: TestClient) -> None:
     samples = client.get("/samples").json()
     assert {s["name"] for s in samples} >= {"sneaker", "bag"}
     assert client.get(samples[0]["url"]).headers["content-type"] == "image/png"
+
+
+def test_api_docs_load_their_assets_from_the_server(client: TestClient) -> None:
+    """/docs and /redoc work without internet access (air-gapped hosts): every script, style and icon
+    they reference is a path on this server, and it is served."""
+    for page_url in ("/docs", "/redoc"):
+        page = client.get(page_url)
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assets = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page.text)
+        assert assets and not [a for a in assets if "//" in a], assets  # no http(s):// or protocol-relative URL
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
