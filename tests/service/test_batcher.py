@@ -16,12 +16,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def make_queue(calls: list[list[int]], **kwargs) -> tuple[Batcher, BatchQueue]:
-    """A batcher with one queue whose batch function doubles its inputs and records each call."""
+def make_queue(calls: list[list[int]], gate: threading.Event | None = None, **kwargs) -> tuple[Batcher, BatchQueue]:
+    """A batcher with one queue whose batch function doubles its inputs and records each call (and,
+    with a `gate`, holds every batch until the gate is set)."""
     options = {"max_batch_size": 8, "max_delay_s": 0.5, "max_queue": 16, **kwargs}
 
     def double(payloads: list[int]) -> list[int]:
         calls.append(list(payloads))
+        if gate is not None:
+            gate.wait(5)
         return [2 * p for p in payloads]
 
     batcher = Batcher(ThreadPoolExecutor(options.get("concurrency", 1)), **options)
@@ -138,14 +141,8 @@ def test_deadlines_fail_waiting_requests_at_once_and_spare_running_ones() -> Non
     calls: list[list[int]] = []
     release = threading.Event()
 
-    def slow(payloads: list[int]) -> list[int]:
-        calls.append(list(payloads))
-        release.wait(5)
-        return [2 * p for p in payloads]
-
     async def scenario() -> None:
-        batcher = Batcher(ThreadPoolExecutor(1), max_batch_size=8, max_delay_s=0, max_queue=16)
-        queue = batcher.queue("q", slow)
+        batcher, queue = make_queue(calls, gate=release, max_delay_s=0)
 
         async def request(values: list[int], timeout_s: float) -> list[int]:
             with queue.reserve(len(values)) as r:
@@ -170,14 +167,8 @@ def test_a_cancelled_request_is_not_computed() -> None:
     calls: list[list[int]] = []
     release = threading.Event()
 
-    def slow(payloads: list[int]) -> list[int]:
-        calls.append(list(payloads))
-        release.wait(5)
-        return [2 * p for p in payloads]
-
     async def scenario() -> None:
-        batcher = Batcher(ThreadPoolExecutor(1), max_batch_size=8, max_delay_s=0, max_queue=16)
-        queue = batcher.queue("q", slow)
+        batcher, queue = make_queue(calls, gate=release, max_delay_s=0)
 
         async def request(value: int) -> list[int]:
             with queue.reserve(1) as r:
