@@ -11,9 +11,10 @@ generator, so that the client takes little of the CPU the server needs; its CPU 
 next to the server's (all its threads, and its event loop alone).
 Raw, batched and naive are interleaved over `--rounds` rounds (both servers up throughout), and
 each ratio is taken within a round; the medians are reported, as this machine's load drifts.
+`--plain` adds, for scale, the /embed endpoint one writes by hand (benchmarks/plain_server.py).
 Writes benchmarks/results/serve.json and prints a markdown table.
 
-    .venv/bin/python benchmarks/serve.py [--models default,vitb] [--rounds 3] [--server-flags '...']
+    .venv/bin/python benchmarks/serve.py [--models default,vitb] [--rounds 3] [--server-flags '...'] [--plain]
 """
 
 from __future__ import annotations
@@ -203,14 +204,21 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 
 
 class Server:
-    """`python -m service` in its own process on a free port."""
+    """`python -m service` in its own process on a free port, or (`plain`) benchmarks/plain_server.py."""
 
-    def __init__(self, model_dir: Path, *flags: str):
+    def __init__(self, model_dir: Path, *flags: str, plain: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(self.port),
-               "--log-level", "warning", *flags]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.plain = plain  # no /metrics: nothing to drain or to count batches in
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        if plain:
+            cmd = [sys.executable, "-m", "uvicorn", "benchmarks.plain_server:app", "--port", str(self.port),
+                   "--log-level", "warning"]
+            env["MAE_MODEL_DIR"] = str(model_dir)
+        else:
+            cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(self.port),
+                   "--log-level", "warning", *flags]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
         deadline = time.monotonic() + 300
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -226,8 +234,10 @@ class Server:
             return False
 
     def batch_stats(self) -> tuple[float, float]:
-        """(sum, count) of the encoder queue's batch-size histogram."""
+        """(sum, count) of the encoder queue's batch-size histogram (one image per call on the plain server)."""
         import urllib.request
+        if self.plain:
+            return 0.0, 0.0
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
             text = r.read().decode()
         found = {m.group(1): float(m.group(2)) for m in
@@ -238,7 +248,7 @@ class Server:
         """Wait until requests left over by a finished load run (closed connections) have been computed."""
         import urllib.request
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while not self.plain and time.monotonic() < deadline:
             with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
                 found = re.search(r"^mae_requests_in_flight (\S+)$", r.read().decode(), re.MULTILINE)
             if found and float(found.group(1)) <= 1:  # this request itself
@@ -283,7 +293,7 @@ def measure(server: Server, body_file: Path, script: Path, concurrency: int, sec
     run["event_loop_cpu_pct"] = 100 * (cpu_seconds(pid, thread=pid) - loop0) / run["wall_s"]
     server.drain()  # requests still queued when wrk stopped belong to this run's batches
     s1, n1 = server.batch_stats()
-    run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1)
+    run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1) if not server.plain else 1.0
     return run
 
 
@@ -327,6 +337,9 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
         for kind, f in flags.items():
             servers[kind] = Server(model_dir, "--precision", precision, "--device", device, *f)
             log(f"  {kind} server: mae-serve {' '.join(f)}")
+        if args.plain and precision == "fp32" and device == "cpu":
+            servers["plain"] = Server(model_dir, plain=True)
+            log("  plain server: benchmarks/plain_server.py (a hand-written FastAPI endpoint, for scale)")
         for server in servers.values():
             wrk(server.url, body_file, script, 8, 2)  # warm-up: allocations for the batch sizes to come
         for i in range(args.rounds):
@@ -349,6 +362,9 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
         f"batched_over_naive_c{top}": [r["runs"]["batched"][top]["img_per_s"] / r["runs"]["naive"][top]["img_per_s"]
                                        for r in rounds],
     }
+    if "plain" in servers:
+        per_round[f"batched_over_plain_c{top}"] = [
+            r["runs"]["batched"][top]["img_per_s"] / r["runs"]["plain"][top]["img_per_s"] for r in rounds]
     if 1 in args.concurrency:
         per_round["p50_c1_batched_over_naive"] = [r["runs"]["batched"][1]["p50_ms"] / r["runs"]["naive"][1]["p50_ms"]
                                                   for r in rounds]
@@ -357,7 +373,7 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     return {"model": label, "model_dir": str(model_dir), "precision": precision, "device": device,
             "request_bytes": body_file.stat().st_size, "server_flags": flags, "rounds": args.rounds,
             "seconds_per_run": {c: seconds_for(c) for c in args.concurrency}, "raw": raw,
-            **{kind: [median_run([r["runs"][kind][c] for r in rounds]) for c in args.concurrency] for kind in flags},
+            **{kind: [median_run([r["runs"][kind][c] for r in rounds]) for c in args.concurrency] for kind in servers},
             "rounds_detail": rounds,
             "ratios": {name: statistics.median(values) for name, values in per_round.items()},
             "ratios_per_round": per_round}
@@ -369,8 +385,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for r in results:
         lines.append(f"| {r['model']} | {r['precision']} | raw ORT (batch {r['raw']['best_batch']}, {r['raw']['mode']}) | | "
                      f"{r['raw']['img_per_s_median']:.1f} | | | | {r['raw']['best_batch']} | | | |")
-        for kind in ("batched", "naive"):
-            for x in r[kind]:
+        for kind in ("batched", "naive", "plain"):
+            for x in r.get(kind, []):
                 lines.append(f"| {r['model']} | {r['precision']} | {kind} | {x['concurrency']} | {x['img_per_s']:.1f} | "
                              f"{x['p50_ms']:.2f} | {x['p95_ms']:.2f} | {x['p99_ms']:.2f} | "
                              f"{'' if x['mean_batch'] is None else round(x['mean_batch'], 1)} | "
@@ -397,6 +413,8 @@ def main() -> None:
                    help="server max batch size for ViT-B (CPU throughput is flat past ~8; 32 on a GPU)")
     p.add_argument("--server-flags", default="", help="more mae-serve flags, the same for the batched and the naive "
                    "server (e.g. '--inference-threads 1 --intra-op-threads 0')")
+    p.add_argument("--plain", action="store_true", help="also a hand-written FastAPI endpoint, one ORT call per "
+                   "request (benchmarks/plain_server.py; fp32 on a CPU), for scale")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     if shutil.which("wrk") is None:

@@ -95,7 +95,8 @@ class Server:
         self.model_dir = load_model_dir(settings.model_dir, verify_hashes=settings.verify_hashes)
         self.metrics = Metrics()
         self.runtime = Runtime(self.model_dir, settings.device, settings.precision, settings.ort_threads_per_call(),
-                               settings.inter_op_threads, settings.ort_spinning, on_run=self.metrics.ort_run)
+                               settings.inter_op_threads, settings.ort_spinning, on_run=self.metrics.ort_run,
+                               lone_threads=settings.lone_batch_threads())
         self.pipelines = Pipelines(self.model_dir, self.runtime, settings.max_image_pixels)
         self.ready = False
         self.warmup_error: str | None = None
@@ -116,9 +117,10 @@ class Server:
         warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
         graphs = ", ".join(f"{g} {d['precision']} on {d['providers'][0]}"
                            for g, d in self.runtime.describe()["graphs"].items())
-        log.info("model %s %s from %s: %s; %d inference threads x %d ONNX Runtime threads per call",
-                 self.model_dir.spec.name, self.model_dir.spec.version, self.model_dir.root, graphs,
-                 s.inference_threads, s.ort_threads_per_call())
+        log.info("model %s %s from %s: %s; %d inference threads x %d ONNX Runtime threads per call "
+                 "(a batch that runs alone: %s)", self.model_dir.spec.name, self.model_dir.spec.version,
+                 self.model_dir.root, graphs, s.inference_threads, s.ort_threads_per_call(),
+                 f"{self.runtime.lone_threads} threads" if self.runtime.lone_threads else "the same")
         try:
             yield
         finally:

@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-RunBatch = Callable[[list[Any]], Sequence[Any]]
+RunBatch = Callable[[list[Any], bool], Sequence[Any]]  # (payloads, alone: no other batch running or waiting)
 
 
 class QueueFull(Exception):
@@ -80,7 +80,7 @@ class Slots:
 
     def __init__(self, count: int):
         self._semaphore = asyncio.Semaphore(count)
-        self.free = count
+        self.count = self.free = count
 
     async def acquire(self) -> None:
         await self._semaphore.acquire()
@@ -220,9 +220,11 @@ class BatchQueue:
                 item.queue_s = start - item.enqueued
                 item.batch_size = len(batch)
             self.observer.batch(self.name, len(batch), [i.queue_s for i in batch])
+            # alone: the only batch running (of every queue sharing the slots) and nothing waiting here
+            alone = self.slots.free == self.slots.count - 1 and not self.pending and not self.reserved
             try:
                 results = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.run_batch, [i.payload for i in batch])
+                    self.executor, self.run_batch, [i.payload for i in batch], alone)
             except Exception as e:  # a failed batch fails its requests, not the worker
                 for item in batch:
                     if not item.future.done():

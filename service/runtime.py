@@ -41,6 +41,16 @@ class GraphSession:
         return self.session.get_providers()
 
 
+def _session_options(intra_op_threads: int, inter_op_threads: int, spinning: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 def _provider_list(device: str, precision: str) -> list[Any]:
     """Providers to ask for, best first; `auto` asks for CUDA only when this build lists it."""
     if device == "tensorrt":
@@ -55,7 +65,7 @@ class Runtime:
 
     def __init__(self, model_dir: ModelDir, device: str = "auto", precision: str = "fp32",
                  intra_op_threads: int = 0, inter_op_threads: int = 1, spinning: bool = False,
-                 on_run: RunObserver | None = None):
+                 on_run: RunObserver | None = None, lone_threads: int = 0):
         self.model_dir = model_dir
         self.arch = model_dir.spec.architecture
         self.on_run = on_run
@@ -65,17 +75,18 @@ class Runtime:
             if need not in ort.get_available_providers():
                 raise RuntimeConfigError(f"device {device} needs {need}, but this onnxruntime build has "
                                          f"{ort.get_available_providers()} (install onnxruntime-gpu)")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = inter_op_threads
         # Spinning threads would take the cores that the event loop needs to parse the next requests.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+        options = _session_options(intra_op_threads, inter_op_threads, spinning)
         self.sessions = {graph: self._open(graph, device, precision, options)
                          for graph in ("encoder", "decoder", "classifier") if model_dir.has(graph)}
         providers = self.sessions["encoder"].providers
         self.device = "tensorrt" if TENSORRT in providers else "cuda" if CUDA in providers else "cpu"
+        # A batch that runs alone may take every core, spinning between operators (nothing else needs the
+        # cores then): a second session per graph, on a CPU only (GPU sessions do not compute on threads).
+        self.lone_threads = lone_threads if self.device == "cpu" and lone_threads > intra_op_threads else 0
+        lone_options = _session_options(self.lone_threads, inter_op_threads, True)
+        self.lone_sessions = {graph: self._open(graph, device, s.precision, lone_options)
+                              for graph, s in self.sessions.items()} if self.lone_threads else {}
 
     def _open(self, graph: str, device: str, precision: str, options: ort.SessionOptions) -> GraphSession:
         available = self.model_dir.precisions(graph)
@@ -99,46 +110,50 @@ class Runtime:
     def has(self, graph: str) -> bool:
         return graph in self.sessions
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], alone: bool) -> np.ndarray:
+        """One session run; `alone` (the batch runs alone): on the all-core session when there is one."""
+        session = (self.lone_sessions if alone and self.lone_sessions else self.sessions)[graph].session
         start = time.perf_counter()
-        (out,) = self.sessions[graph].session.run(None, feeds)
+        (out,) = session.run(None, feeds)
         if self.on_run:
             self.on_run(graph, len(next(iter(feeds.values()))), time.perf_counter() - start)
         return out
 
-    def encode(self, pixels: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
+    def encode(self, pixels: np.ndarray, ids_keep: np.ndarray, alone: bool = False) -> np.ndarray:
         """pixels [B, C, H, W] float32, ids_keep [B, K] int64 -> latent [B, 1+K, D]."""
-        return self._run("encoder", {"pixels": pixels, "ids_keep": ids_keep})
+        return self._run("encoder", {"pixels": pixels, "ids_keep": ids_keep}, alone)
 
-    def decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
+    def decode(self, latent: np.ndarray, ids_restore: np.ndarray, alone: bool = False) -> np.ndarray:
         """latent [B, 1+K, D], ids_restore [B, L] int64 -> pred [B, L, p*p*C]."""
-        return self._run("decoder", {"latent": latent, "ids_restore": ids_restore})
+        return self._run("decoder", {"latent": latent, "ids_restore": ids_restore}, alone)
 
-    def classify(self, pixels: np.ndarray) -> np.ndarray:
+    def classify(self, pixels: np.ndarray, alone: bool = False) -> np.ndarray:
         """pixels [B, C, H, W] -> logits [B, num_classes]."""
-        return self._run("classifier", {"pixels": pixels})
+        return self._run("classifier", {"pixels": pixels}, alone)
 
     def all_patches(self, batch: int) -> np.ndarray:
         """ids_keep [B, L] that keeps every patch (the full-image embedding)."""
         return np.tile(np.arange(self.arch.num_patches, dtype=np.int64), (batch, 1))
 
     def warm_up(self) -> None:
-        """One inference per graph at batch 1 (allocations, kernel choice, TensorRT engines)."""
+        """One inference per graph and session at batch 1 (allocations, kernel choice, TensorRT engines)."""
         a = self.arch
         pixels = np.zeros((1, a.in_chans, a.img_size, a.img_size), dtype=np.float32)
-        self.encode(pixels, self.all_patches(1))
-        if self.has("decoder"):
-            keep = len_keep(a.num_patches, WARMUP_MASK_RATIO)
-            latent = self.encode(pixels, np.arange(keep, dtype=np.int64)[None])
-            self.decode(latent, np.arange(a.num_patches, dtype=np.int64)[None])
-        if self.has("classifier"):
-            self.classify(pixels)
+        for alone in (False, True) if self.lone_sessions else (False,):
+            self.encode(pixels, self.all_patches(1), alone)
+            if self.has("decoder"):
+                keep = len_keep(a.num_patches, WARMUP_MASK_RATIO)
+                latent = self.encode(pixels, np.arange(keep, dtype=np.int64)[None], alone)
+                self.decode(latent, np.arange(a.num_patches, dtype=np.int64)[None], alone)
+            if self.has("classifier"):
+                self.classify(pixels, alone)
 
     def describe(self) -> dict[str, Any]:
         """What /info and the startup log report: device, and per graph its file, precision and providers."""
         return {
             "device": self.device,
             "onnxruntime": ort.__version__,
+            "lone_batch_threads": self.lone_threads,
             "graphs": {g: {"file": s.path.rsplit("/", 1)[-1], "precision": s.precision, "providers": s.providers}
                        for g, s in self.sessions.items()},
         }

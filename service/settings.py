@@ -19,6 +19,11 @@ def _split_list(value: object) -> object:
     return value
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class Settings(BaseSettings):
     """Server settings; each field `x_y` is the environment variable `MAE_X_Y` and the flag `--x-y`."""
 
@@ -50,8 +55,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival to the start of compute (504)")
     inference_threads: int = Field(
         2, ge=1, description="batches that run at once, one ONNX Runtime call each: while one runs, the next "
-        "one forms and starts on the cores it leaves (1: one call at a time on every core, the lowest latency "
-        "for a lone request to a large model)")
+        "one forms and starts on the cores it leaves (1: one call at a time on every core)")
+    lone_batch_all_cores: bool = Field(
+        True, description="on a CPU, a batch that runs alone (no other batch running, nothing waiting) uses every "
+        "usable core with spinning ONNX Runtime threads, through a second session per graph (a second copy of the "
+        "weights in memory): a lone request is as fast as with one inference thread, and batches still run side "
+        "by side under load")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and encoding PNGs")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413)")
@@ -73,8 +82,13 @@ class Settings(BaseSettings):
         """intra_op_threads, or when 0 the cores this process may use divided among the inference threads."""
         if self.intra_op_threads:
             return self.intra_op_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // self.inference_threads)
+        return max(1, usable_cores() // self.inference_threads)
+
+    def lone_batch_threads(self) -> int:
+        """ONNX Runtime threads for a batch that runs alone: every usable core, or 0 (no second session) when
+        lone_batch_all_cores is off or a call gets that many anyway."""
+        cores = usable_cores()
+        return cores if self.lone_batch_all_cores and cores > self.ort_threads_per_call() else 0
 
     @field_validator("queue_full_status", mode="before")
     @classmethod

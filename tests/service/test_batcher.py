@@ -16,13 +16,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def make_queue(calls: list[list[int]], gate: threading.Event | None = None, **kwargs) -> tuple[Batcher, BatchQueue]:
-    """A batcher with one queue whose batch function doubles its inputs and records each call (and,
-    with a `gate`, holds every batch until the gate is set)."""
+def make_queue(calls: list[list[int]], gate: threading.Event | None = None, alone_flags: list[bool] | None = None,
+               **kwargs) -> tuple[Batcher, BatchQueue]:
+    """A batcher with one queue whose batch function doubles its inputs and records each call (and
+    whether it ran alone); with a `gate`, every batch waits until the gate is set."""
     options = {"max_batch_size": 8, "max_delay_s": 0.5, "max_queue": 16, **kwargs}
 
-    def double(payloads: list[int]) -> list[int]:
+    def double(payloads: list[int], alone: bool) -> list[int]:
         calls.append(list(payloads))
+        if alone_flags is not None:
+            alone_flags.append(alone)
         if gate is not None:
             gate.wait(5)
         return [2 * p for p in payloads]
@@ -89,7 +92,7 @@ def test_concurrent_batches_run_at_the_same_time_up_to_the_limit(concurrency: in
     lock = threading.Lock()
     both_started = threading.Barrier(2)
 
-    def slow(payloads: list[int]) -> list[int]:
+    def slow(payloads: list[int], alone: bool) -> list[int]:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
@@ -187,3 +190,29 @@ def test_a_cancelled_request_is_not_computed() -> None:
 
     run(scenario())
     assert calls == [[1], [3]]
+
+
+def test_a_batch_is_told_when_it_runs_alone() -> None:
+    """`alone` (the runtime may then use every core): no other batch running and nothing waiting."""
+    calls: list[list[int]] = []
+    flags: list[bool] = []
+    release = threading.Event()
+
+    async def scenario() -> None:
+        batcher, queue = make_queue(calls, gate=release, alone_flags=flags, max_delay_s=0, concurrency=2)
+
+        async def request(value: int) -> list[int]:
+            with queue.reserve(1) as r:
+                return await r.submit([value], time.monotonic() + 5, BatchTiming())
+
+        first = asyncio.ensure_future(request(1))  # alone
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(request(2))  # the first still runs
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await first == [2] and await second == [4]
+        assert await request(3) == [6]  # alone again
+        await batcher.close()
+
+    run(scenario())
+    assert calls == [[1], [2], [3]] and flags == [True, False, True]

@@ -36,3 +36,7 @@ def test_ort_threads_per_call_share_out_the_usable_cores(monkeypatch: pytest.Mon
     assert Settings(inference_threads=1).ort_threads_per_call() == 8
     assert Settings(inference_threads=16).ort_threads_per_call() == 1
     assert Settings(inference_threads=2, intra_op_threads=3).ort_threads_per_call() == 3  # explicit wins
+    # a batch that runs alone gets every usable core, when that is more than a call gets anyway
+    assert Settings(inference_threads=2).lone_batch_threads() == 8
+    assert Settings(inference_threads=1).lone_batch_threads() == 0
+    assert Settings(inference_threads=2, lone_batch_all_cores=False).lone_batch_threads() == 0

@@ -384,6 +384,20 @@ def test_bad_model_directories_refuse_to_start(tiny_model_dir: Path, tmp_path: P
         create_app(Settings(model_dir=tiny_model_dir, device="cuda"))
 
 
+def test_a_batch_that_runs_alone_uses_the_all_core_sessions_with_the_same_results(tiny_model_dir: Path) -> None:
+    from service.model_dir import load_model_dir
+    from service.runtime import Runtime
+
+    runtime = Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=1, lone_threads=2)
+    assert set(runtime.lone_sessions) == set(runtime.sessions) and runtime.describe()["lone_batch_threads"] == 2
+    assert all(runtime.lone_sessions[g].session is not runtime.sessions[g].session for g in runtime.sessions)
+    pixels = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    ids = runtime.all_patches(3)
+    np.testing.assert_allclose(runtime.encode(pixels, ids, alone=True), runtime.encode(pixels, ids), atol=1e-5)
+    np.testing.assert_allclose(runtime.classify(pixels, alone=True), runtime.classify(pixels), atol=1e-5)
+    assert Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=2, lone_threads=2).lone_sessions == {}
+
+
 def test_auto_device_uses_cuda_only_when_the_session_gets_it(tiny_model_dir: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """With CUDA listed but unusable (the one mock allowed: this CPU build pretends to have it), auto stays on CPU."""
