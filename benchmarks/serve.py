@@ -342,6 +342,8 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
             log("  plain server: benchmarks/plain_server.py (a hand-written FastAPI endpoint, for scale)")
         for server in servers.values():
             wrk(server.url, body_file, script, 8, 2)  # warm-up: allocations for the batch sizes to come
+        for server in servers.values():  # before the first raw measurement: a slow model's warm-up backlog
+            server.drain()               # would otherwise still be running beside it
         for i in range(args.rounds):
             order = list(servers) if i % 2 == 0 else list(reversed(servers))
             raw_now = encoder.by_batch([raw["best_batch"]], args.raw_seconds, raw["parallel"])["img_per_s"]
