@@ -44,7 +44,8 @@ class Settings(BaseSettings):
         0, ge=0, description="ONNX Runtime threads per call (0: the usable cores shared out among the inference threads)")
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads across operators")
     ort_spinning: bool = Field(
-        False, description="let ORT threads spin between operators (faster alone, steals CPU from HTTP)")
+        False, description="let ORT threads spin between operators (faster alone, steals CPU from HTTP); with one ORT "
+        "thread per call, only the lone-batch sessions have threads to spin")
     verify_hashes: bool = Field(True, description="check each ONNX file's sha256 against model.json at startup")
 
     max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
@@ -58,7 +59,7 @@ class Settings(BaseSettings):
         "one forms and starts on the cores it leaves (1: one call at a time on every core)")
     lone_batch_all_cores: bool = Field(
         True, description="on a CPU, a batch that runs alone (no other batch running, nothing waiting) uses every "
-        "usable core with spinning ONNX Runtime threads, through a second session per graph (a second copy of the "
+        "usable core, through a second session per graph (a second copy of the "
         "weights in memory): a lone request is as fast as with one inference thread, and batches still run side "
         "by side under load")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and encoding PNGs")
