@@ -84,7 +84,7 @@ class Runtime:
         # A batch that runs alone may take every core (nothing else needs them then): a second session per
         # graph, on a CPU only (GPU sessions do not compute on threads). It spins only with `spinning`: spin
         # tails after short runs took the cores from the next request's HTTP work (small models, 2 clients).
-        self.lone_threads = lone_threads if self.device == "cpu" and lone_threads > intra_op_threads else 0
+        self.lone_threads = lone_threads if self.device == "cpu" and 0 < intra_op_threads < lone_threads else 0
         lone_options = _session_options(self.lone_threads, inter_op_threads, spinning)
         self.lone_sessions = {graph: self._open(graph, device, s.precision, lone_options)
                               for graph, s in self.sessions.items()} if self.lone_threads else {}
