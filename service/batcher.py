@@ -69,7 +69,6 @@ class _Item:
     future: asyncio.Future[Any]
     enqueued: float = 0.0
     running: bool = False
-    dropped: bool = False
     queue_s: float = 0.0
     compute_s: float = 0.0
     batch_size: int = 0
@@ -149,18 +148,13 @@ class BatchQueue:
         """A request's deadline: the items not yet running are dropped, and fail it at once; when every
         item already runs, the answer is on its way and the request waits for it."""
         waiting = [i for i in items if not i.running and not i.future.done()]
-        if waiting:
-            self._drop(waiting)
-            for item in waiting:
-                item.future.set_exception(DeadlineExpired("the request's deadline passed while it waited in the queue"))
-
-    def _drop(self, items: list[_Item]) -> None:
-        for item in items:
-            item.dropped = True  # the worker skips it if it already took it into a forming batch
+        for item in waiting:  # a failed future also keeps it out of a batch that is still forming
+            item.future.set_exception(DeadlineExpired("the request's deadline passed while it waited in the queue"))
             if item in self.pending:
                 self.pending.remove(item)
                 self.observer.depth(self.name, -1)
-        self.observer.expired(self.name, len(items))
+        if waiting:
+            self.observer.expired(self.name, len(waiting))
 
     # -- worker ----------------------------------------------------------------------------------------
 
@@ -171,7 +165,6 @@ class BatchQueue:
             if item.future.done():  # its request was cancelled: nothing to compute
                 continue
             if item.deadline <= now:
-                item.dropped = True
                 self.observer.expired(self.name, 1)
                 item.future.set_exception(DeadlineExpired("the request's deadline passed before its batch ran"))
             else:
@@ -203,7 +196,7 @@ class BatchQueue:
                     except TimeoutError:
                         break
                     self._take(batch, time.monotonic(), limit)
-                batch = [i for i in batch if not i.dropped]
+            batch = [i for i in batch if not i.future.done()]  # expired or cancelled while the batch formed
             if not batch:
                 self.slots.release()
                 continue

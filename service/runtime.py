@@ -85,9 +85,11 @@ class Runtime:
         # graph, on a CPU only (GPU sessions do not compute on threads). It spins only with `spinning`: spin
         # tails after short runs took the cores from the next request's HTTP work (small models, 2 clients).
         self.lone_threads = lone_threads if self.device == "cpu" and 0 < intra_op_threads < lone_threads else 0
-        lone_options = _session_options(self.lone_threads, inter_op_threads, spinning)
-        self.lone_sessions = {graph: self._open(graph, device, s.precision, lone_options)
-                              for graph, s in self.sessions.items()} if self.lone_threads else {}
+        self.lone_sessions: dict[str, GraphSession] = {}
+        if self.lone_threads:
+            lone_options = _session_options(self.lone_threads, inter_op_threads, spinning)
+            self.lone_sessions = {graph: self._open(graph, device, s.precision, lone_options)
+                                  for graph, s in self.sessions.items()}
 
     def _open(self, graph: str, device: str, precision: str, options: ort.SessionOptions) -> GraphSession:
         available = self.model_dir.precisions(graph)
