@@ -96,7 +96,7 @@ class Server:
         self.metrics = Metrics()
         self.runtime = Runtime(self.model_dir, settings.device, settings.precision, settings.ort_threads_per_call(),
                                settings.inter_op_threads, settings.ort_spinning, on_run=self.metrics.ort_run,
-                               lone_threads=settings.lone_batch_threads())
+                               lone_threads=settings.lone_batch_threads(), self_check_policy=settings.self_check)
         self.pipelines = Pipelines(self.model_dir, self.runtime, settings.max_image_pixels)
         self.ready = False
         self.warmup_error: str | None = None

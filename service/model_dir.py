@@ -70,6 +70,24 @@ class FileSpec(_Strict):
     external_data: list[ExternalDataFile] = []
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    quantization: str | None = None  # the int8 recipe (training/quantize.py) of an int8 variant
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        return _check_relative(v)
+
+
+class SelfCheckSpec(_Strict):
+    """The stored self-check (`selfcheck.npz`): inputs and reference outputs the server checks every variant on."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+    images: int = Field(gt=0)
+    inputs: Literal["random", "real"]
+    reference: Literal["torch", "onnxruntime-fp32"]  # torch at export; fp32 ONNX Runtime when derived from a directory
+    keeps: list[int]  # the kept-patch counts K of the stored cases
 
     @field_validator("path")
     @classmethod
@@ -176,6 +194,7 @@ class ModelJson(_Strict):
     training: Training
     files: dict[Graph, dict[Precision, FileSpec]]
     verification: Verification | None = None
+    self_check: SelfCheckSpec | None = None
 
     @model_validator(mode="after")
     def _graphs(self) -> ModelJson:
@@ -281,6 +300,9 @@ def load_model_dir(path: str | Path, verify_hashes: bool = True) -> ModelDir:
             _check_file(root / f.path, f.sha256, what, f.bytes, verify_hashes)
             for ext in f.external_data:
                 _check_file(root / ext.path, ext.sha256, f"external data of {f.path}", None, verify_hashes)
+    if spec.self_check is not None:
+        _check_file(root / spec.self_check.path, spec.self_check.sha256, "self-check", spec.self_check.bytes,
+                    verify_hashes)
     return ModelDir(root=root, spec=spec)
 
 

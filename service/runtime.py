@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from service import self_check
 from service.masking import len_keep
 from service.model_dir import ModelDir, check_session_io
 
@@ -65,7 +66,7 @@ class Runtime:
 
     def __init__(self, model_dir: ModelDir, device: str = "auto", precision: str = "fp32",
                  intra_op_threads: int = 0, inter_op_threads: int = 1, spinning: bool = False,
-                 on_run: RunObserver | None = None, lone_threads: int = 0):
+                 on_run: RunObserver | None = None, lone_threads: int = 0, self_check_policy: str = "fallback"):
         self.model_dir = model_dir
         self.arch = model_dir.spec.architecture
         self.on_run = on_run
@@ -79,6 +80,7 @@ class Runtime:
         options = _session_options(intra_op_threads, inter_op_threads, spinning)
         self.sessions = {graph: self._open(graph, device, precision, options)
                          for graph in ("encoder", "decoder", "classifier") if model_dir.has(graph)}
+        self.self_check = self._self_check(self_check_policy, device, options)
         providers = self.sessions["encoder"].providers
         self.device = "tensorrt" if TENSORRT in providers else "cuda" if CUDA in providers else "cpu"
         # A batch that runs alone may take every core (nothing else needs them then): a second session per
@@ -109,6 +111,65 @@ class Runtime:
             log.warning("%s: CUDA is listed but the session did not get it; running on %s", path, got)
         check_session_io(spec, session)
         return GraphSession(graph=graph, precision=chosen, path=path, session=session)
+
+    def _self_check(self, policy: str, device: str, options: ort.SessionOptions) -> dict[str, Any] | None:
+        """Run the loaded graphs on the directory's self-check; replace (or refuse) a variant below its gate."""
+        spec = self.model_dir.spec.self_check
+        if policy == "off" or spec is None:
+            if spec is None:
+                log.info("%s carries no self-check (exported before it existed): variants are not checked on "
+                         "this machine", self.model_dir.root)
+            return None
+        arrays = self_check.load(self.model_dir.root / spec.path)
+        cpu = self_check.cpu_features()
+        fell_back: list[dict[str, Any]] = []
+        while True:
+            results = self._check_loaded(arrays)
+            failed = [(r, self._culprit(r)) for r in results if not r.passed]
+            replaceable = [(r, graph) for r, graph in failed if graph is not None]
+            for r, graph in replaceable or failed:  # fp32 failures are reported once nothing is left to replace
+                message = self._self_check_failure(r, graph, spec.reference, cpu)
+                if policy == "refuse":
+                    raise RuntimeConfigError(message + " (MAE_SELF_CHECK=refuse)")
+                if graph is None:
+                    log.error("%s; nothing to fall back to, serving it anyway", message)
+                    continue
+                log.error("%s; serving %s (fp32) instead", message, self.model_dir.file(graph).path)
+                fell_back.append({"graph": graph, "precision": self.sessions[graph].precision, "cosine": r.cosine})
+                self.sessions[graph] = self._open(graph, device, "fp32", options)
+            if not replaceable:
+                break
+        log.info("self-check on %d stored images: %s", spec.images,
+                 ", ".join(f"{r.graph} {r.precision} cosine {r.cosine:.6f}" for r in results))
+        return {"reference": spec.reference, "images": spec.images, "inputs": spec.inputs, "cpu": cpu,
+                "results": [r.describe() for r in results], "fell_back": fell_back}
+
+    def _self_check_failure(self, r: self_check.CheckResult, graph: str | None, reference: str,
+                            cpu: dict[str, Any]) -> str:
+        """The log line of a failed check: the file, the figure against its gate, this CPU and its features."""
+        file = self.sessions[graph or r.graph.split("+")[-1]].path.rsplit("/", 1)[-1]
+        limit = (f"cosine {r.cosine:.6f} < {self_check.gate(r.graph, r.precision)}" if graph else
+                 f"max_abs_diff {r.max_abs_diff:.2e} > {self_check.FP32_MAX_ABS_DIFF}")
+        flags = " ".join(cpu["flags"]) or "none of " + " ".join(self_check.CPU_FLAGS)
+        return (f"self-check: {file} fails its gate on this CPU ({cpu['model']}; flags {flags}): "
+                f"{r.graph} {r.precision} {limit} against the {reference} reference")
+
+    def _check_loaded(self, arrays: dict[str, np.ndarray]) -> list[self_check.CheckResult]:
+        def run(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return self.sessions[graph].session.run(None, feeds)[0]
+
+        results = [self_check.check_encoder(arrays, self.sessions["encoder"].precision, run)]
+        if self.has("decoder") and self_check.keeps(arrays) and f"pred_{self_check.keeps(arrays)[0]}" in arrays:
+            reduced = [self.sessions[g].precision for g in ("decoder", "encoder") if self.sessions[g].precision != "fp32"]
+            results.append(self_check.check_chain(arrays, (reduced or ["fp32"])[0], run))
+        if self.has("classifier") and "logits" in arrays:
+            results.append(self_check.check_classifier(arrays, self.sessions["classifier"].precision, run))
+        return results
+
+    def _culprit(self, result: self_check.CheckResult) -> str | None:
+        """The reduced-precision graph behind a failed check (the decoder first, for the chain), or None."""
+        graphs = ("decoder", "encoder") if result.graph == "encoder+decoder" else (result.graph,)
+        return next((g for g in graphs if self.sessions[g].precision != "fp32"), None)
 
     def has(self, graph: str) -> bool:
         return graph in self.sessions
@@ -157,6 +218,7 @@ class Runtime:
             "device": self.device,
             "onnxruntime": ort.__version__,
             "lone_batch_threads": self.lone_threads,
+            "self_check": self.self_check,
             "graphs": {g: {"file": s.path.rsplit("/", 1)[-1], "precision": s.precision, "providers": s.providers}
                        for g, s in self.sessions.items()},
         }

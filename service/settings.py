@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         False, description="let ORT threads spin between operators (faster alone, steals CPU from HTTP); with one ORT "
         "thread per call, only the lone-batch sessions have threads to spin")
     verify_hashes: bool = Field(True, description="check each ONNX file's sha256 against model.json at startup")
+    self_check: Literal["fallback", "refuse", "off"] = Field(
+        "fallback", description="at startup, run every loaded graph on the model directory's stored self-check: a "
+        "reduced-precision variant below its gate on this machine is replaced by fp32 (fallback) or stops the "
+        "server (refuse)")
 
     max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
     max_batch_delay_ms: float = Field(

@@ -50,6 +50,7 @@ from service.model_dir import (
 )
 from training.cli import run_cli
 from training.data import FASHION_MNIST_DIR, IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from training.quantize import DEFAULT_RECIPE, quantize_int8
 
 DEFAULT_OPSET = 20  # attention stays decomposed (fusable by ORT); Attention-23 is not on every EP yet
 OPSETS = range(18, 23)
@@ -64,9 +65,6 @@ MIN_COSINE_CHAINED = {"fp16": 0.99, "int8": 0.99}
 # Protobuf cannot hold a model over 2 GiB; above this many bytes of weights they go to a file beside the graph.
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
 VERIFY_BATCHES = (1, 3, 8)
-# The MatMuls carry nearly all the compute (every Linear over tokens). ORT's dynamic quantization has no
-# Gemm kernel, so a probe head on pooled features stays float; so does the one patch-embedding Conv.
-INT8_OP_TYPES = ["MatMul"]
 
 
 class ExportVerificationError(ValueError):
@@ -202,17 +200,6 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
     model = convert_float_to_float16(onnx.load(src), keep_io_types=True, disable_shape_infer=True)
     save_onnx(model, dst)
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic quantization: int8 weights (per output channel), activations quantized at run time.
-
-    No reduce_range: it is only needed on x86 without VNNI (saturation of u8s8 products), and it
-    cost cosine on ViT-B here (0.99981 vs 0.99989) for no speed gain.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES, per_channel=True)
 
 
 def variant_name(graph: str, precision: str) -> str:
@@ -424,6 +411,8 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
                 else:
                     quantize_int8(tmp / variant_name(graph, "fp32"), path)
                 file_spec = make_file_spec(tmp, path.name, spec.inputs, spec.outputs, external_data_files(path))
+                if precision == "int8":
+                    file_spec = file_spec.model_copy(update={"quantization": DEFAULT_RECIPE})
                 session = ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
                 check_session_io(file_spec, session)  # also proves B and K came out symbolic
                 files.setdefault(graph, {})[precision] = file_spec
