@@ -126,8 +126,10 @@ class Runtime:
         while True:
             results = self._check_loaded(arrays)
             failed = [(r, self._culprit(r)) for r in results if not r.passed]
-            replaceable = [(r, graph) for r, graph in failed if graph is not None]
-            for r, graph in replaceable or failed:  # fp32 failures are reported once nothing is left to replace
+            # One replacement per round, in the order encoder, chain, classifier: an encoder that fell back
+            # may be all the chain needed. fp32 failures are reported once nothing is left to replace.
+            replaceable = [(r, graph) for r, graph in failed if graph is not None][:1]
+            for r, graph in replaceable or failed:
                 message = self._self_check_failure(r, graph, spec.reference, cpu)
                 if policy == "refuse":
                     raise RuntimeConfigError(message + " (MAE_SELF_CHECK=refuse)")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from model.checkpoint import CheckpointError, build_autoencoder, build_classifier, checkpoint_config, read_checkpoint
 from model.configs import MAEConfig
 from model.mae import MaskedAutoencoderViT, ViTClassifier, ViTEncoder
+from service import self_check
 from service.model_dir import (
     MODEL_JSON,
     PRECISIONS,
@@ -37,8 +38,10 @@ from service.model_dir import (
     ClassifierInfo,
     Embedding,
     FileSpec,
+    ModelDir,
     ModelJson,
     Preprocessing,
+    SelfCheckSpec,
     TensorSpec,
     Training,
     Verification,
@@ -46,6 +49,7 @@ from service.model_dir import (
     check_session_io,
     load_model_dir,
     make_file_spec,
+    sha256_file,
     write_model_json,
 )
 from training.cli import run_cli
@@ -54,14 +58,6 @@ from training.quantize import DEFAULT_RECIPE, quantize_int8
 
 DEFAULT_OPSET = 20  # attention stays decomposed (fusable by ORT); Attention-23 is not on every EP yet
 OPSETS = range(18, 23)
-FP32_MAX_ABS_DIFF = 1e-4
-# Minimum per-image cosine between ORT and torch outputs, for the reduced-precision variants: on the
-# encoder's latent and the classifier's logits (the issue's gate), and on the decoder's pred after the
-# reduced-precision encoder (`encoder+decoder`): two quantised graphs in a chain, and at K=1 every one of
-# the L predicted patches comes from a single visible token, so the errors compound; measured on the
-# trained Fashion-MNIST model, int8 reached 0.9985 there (0.9995+ from K=L//4 up), hence 0.99.
-MIN_COSINE = {"fp16": 0.999, "int8": 0.999}
-MIN_COSINE_CHAINED = {"fp16": 0.99, "int8": 0.99}
 # Protobuf cannot hold a model over 2 GiB; above this many bytes of weights they go to a file beside the graph.
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
 VERIFY_BATCHES = (1, 3, 8)
@@ -206,24 +202,15 @@ def variant_name(graph: str, precision: str) -> str:
     return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
 
 
-def cosine_per_image(a: np.ndarray, b: np.ndarray) -> float:
-    """The smallest cosine similarity, over the batch, between two outputs flattened per image."""
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return float(cos.min())
-
-
 def compare(graph: str, precision: str, inputs: str, batch: int, keep: int | None,
             expected: Tensor, actual: np.ndarray) -> VerificationRow:
     ref = expected.numpy()
     if actual.shape != ref.shape:
         raise ExportVerificationError(f"{graph} ({precision}): output shape {actual.shape}, torch gives {ref.shape}")
     max_abs = float(np.abs(actual - ref).max())
-    cosine = cosine_per_image(ref, actual)
-    floor = (MIN_COSINE_CHAINED if graph == "encoder+decoder" else MIN_COSINE).get(precision)
-    passed = max_abs <= FP32_MAX_ABS_DIFF if precision == "fp32" else cosine >= floor
+    cosine = float(self_check.cosine_per_image(ref, actual).min())
     return VerificationRow(graph=graph, precision=precision, inputs=inputs, batch=batch, keep=keep,
-                           max_abs_diff=max_abs, cosine=cosine, passed=bool(passed))
+                           max_abs_diff=max_abs, cosine=cosine, passed=self_check.passes(graph, precision, max_abs, cosine))
 
 
 @torch.no_grad()
@@ -261,6 +248,58 @@ def verify(mae: ViTEncoder, classifier: ViTClassifier | None, sessions: dict[str
                                         sess.run(None, {"pixels": feeds_pixels})[0]))
     order = ["encoder", "encoder+decoder", "classifier"]
     return sorted(rows, key=lambda r: (order.index(r.graph), PRECISIONS.index(r.precision), r.inputs))
+
+
+def torch_reference(mae: ViTEncoder, classifier: ViTClassifier | None) -> self_check.RunGraph:
+    """The torch modules as a (graph, feeds) -> output function, the reference the ONNX graphs are held to."""
+
+    @torch.no_grad()
+    def run(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
+        module = {"encoder": mae.forward_encoder, "decoder": getattr(mae, "forward_decoder", None),
+                  "classifier": classifier}[graph]
+        return module(*args).numpy()
+
+    return run
+
+
+def write_self_check(root: Path, mae: ViTEncoder, classifier: ViTClassifier | None,
+                     real_images: Tensor | None, seed: int = 1) -> SelfCheckSpec:
+    """`selfcheck.npz`: a few real images (random pixels without a data set), masks at K = L, L//4, 1, torch outputs."""
+    c = mae.config
+    n = self_check.SELF_CHECK_IMAGES
+    rng = np.random.default_rng(seed)
+    if real_images is not None:
+        pixels, kind = real_images[:n].numpy(), "real"
+    else:
+        pixels, kind = rng.standard_normal((n, c.in_chans, c.img_size, c.img_size)).astype(np.float32), "random"
+    cases = {}
+    for keep in sorted({c.num_patches, max(1, c.num_patches // 4), 1}, reverse=True):
+        ids_shuffle = np.argsort(rng.random((len(pixels), c.num_patches)), axis=1, kind="stable")
+        cases[keep] = (ids_shuffle[:, :keep], np.argsort(ids_shuffle, axis=1, kind="stable"))
+    graphs = {"encoder"} | ({"decoder"} if isinstance(mae, MaskedAutoencoderViT) else set()) | \
+        ({"classifier"} if classifier is not None else set())
+    arrays = self_check.reference_arrays(pixels, cases, torch_reference(mae, classifier), graphs)
+    path = root / self_check.SELF_CHECK_FILE
+    self_check.save(path, arrays)
+    return SelfCheckSpec(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size, images=len(pixels),
+                         inputs=kind, reference="torch", keeps=sorted(cases, reverse=True))
+
+
+def run_self_check(model_dir: ModelDir, sessions: dict[str, dict[str, ort.InferenceSession]]) -> None:
+    """Every exported variant on the stored self-check, with the server's checks; raises if one misses its gate."""
+    arrays = self_check.load(model_dir.root / model_dir.spec.self_check.path)
+    for precision in sessions["encoder"]:
+        run = lambda graph, feeds, p=precision: sessions[graph].get(p, sessions[graph]["fp32"]).run(None, feeds)[0]
+        results = [self_check.check_encoder(arrays, precision, run)]
+        if "decoder" in sessions:
+            results.append(self_check.check_chain(arrays, precision, run))
+        if "classifier" in sessions:
+            results.append(self_check.check_classifier(arrays, precision, run))
+        failed = [r for r in results if not r.passed]
+        if failed:
+            raise ExportVerificationError(f"self-check: {failed[0].graph} {precision} misses its gate "
+                                          f"(cosine {failed[0].cosine:.6f}, max_abs_diff {failed[0].max_abs_diff:.2e})")
 
 
 def embedding_info(ckpt: dict, config) -> Embedding:
@@ -427,8 +466,9 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
         failed = [r for r in rows if not r.passed]
         if failed:
             raise ExportVerificationError(
-                f"{len(failed)} of {len(rows)} verification cases failed (fp32 max_abs_diff > {FP32_MAX_ABS_DIFF}, "
-                f"or cosine below {MIN_COSINE}, {MIN_COSINE_CHAINED} for encoder+decoder); "
+                f"{len(failed)} of {len(rows)} verification cases failed (fp32 max_abs_diff > "
+                f"{self_check.FP32_MAX_ABS_DIFF}, or cosine below {self_check.MIN_COSINE}, "
+                f"{self_check.MIN_COSINE_CHAINED} for encoder+decoder); "
                 f"first: {failed[0].graph} {failed[0].precision} "
                 f"B={failed[0].batch} K={failed[0].keep}: max_abs_diff {failed[0].max_abs_diff:.2e}, "
                 f"cosine {failed[0].cosine:.6f}")
@@ -446,11 +486,13 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
             classifier=classifier_info(classifier, info) if classifier is not None else None,
             training=training_facts(ckpt, cls_ckpt),
             files=files,
-            verification=Verification(fp32_max_abs_diff=FP32_MAX_ABS_DIFF, min_cosine=MIN_COSINE,
-                                      min_cosine_chained=MIN_COSINE_CHAINED, rows=rows),
+            verification=Verification(fp32_max_abs_diff=self_check.FP32_MAX_ABS_DIFF,
+                                      min_cosine=self_check.MIN_COSINE,
+                                      min_cosine_chained=self_check.MIN_COSINE_CHAINED, rows=rows),
+            self_check=write_self_check(tmp, mae, classifier, real_images),
         )
         write_model_json(tmp, model_json)
-        load_model_dir(tmp)  # the server's own check, before the directory becomes visible
+        run_self_check(load_model_dir(tmp), sessions)  # the server's own checks, before the directory is visible
         sessions.clear()
         _move_into_place(tmp, out)
     except BaseException:
