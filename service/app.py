@@ -79,6 +79,7 @@ _REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,200}$")
 _FASTAPI_HAS_TELEMETRY = "telemetry" in inspect.signature(FastAPI.__init__).parameters
 INLINE_DECODE_MAX_BYTES = 16 * 1024  # Server.decode: images decoded on the event loop, not in the pool
 INLINE_DECODE_MAX_PIXELS = 128 * 128
+DRAIN_TIMEOUT_S = 60.0  # BodyState.drain: how long an over-limit body is read and discarded before a 413
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)
 }
@@ -216,6 +217,51 @@ class Server:
         }
 
 
+class BodyState:
+    """How much of one request's body the app has read, and the discarding of the rest before a 413.
+
+    Clients such as urllib, requests and httpx write the whole body before they read the response;
+    a server that answers 413 and closes with unread data in the socket makes the kernel send a reset,
+    and those clients see "connection reset" instead of the envelope. So before a 413 the rest of the
+    body is read and thrown away, chunk by chunk (memory does not grow with it), up to a bound in
+    bytes and time; past the bound the connection is closed as before. A client that sent
+    `Expect: 100-continue` and was never asked to continue (nothing was read) has sent no body.
+    """
+
+    def __init__(self, expects_continue: bool):
+        self.expects_continue = expects_continue
+        self.received = 0
+        self.reads = 0
+        self.complete = False
+
+    async def receive(self, receive: Receive) -> Message:
+        self.reads += 1
+        message = await receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+        else:  # http.disconnect
+            self.complete = True
+        return message
+
+    async def drain(self, receive: Receive, max_bytes: int) -> bool:
+        """Discard the unread body; False when it could not be read to its end within the bounds."""
+        if self.complete or (self.expects_continue and self.reads == 0):
+            return True
+        start, stop = self.received, time.monotonic() + DRAIN_TIMEOUT_S
+        try:
+            while not self.complete:
+                if self.received - start > max_bytes:
+                    return False
+                remaining = stop - time.monotonic()
+                if remaining <= 0:
+                    return False
+                await asyncio.wait_for(self.receive(receive), remaining)
+        except TimeoutError:
+            return False
+        return True
+
+
 class RequestContext:
     """ASGI middleware: request id, body limit, timing headers, request metrics."""
 
@@ -239,11 +285,15 @@ class RequestContext:
         metrics = self.server.metrics
         limit = self.server.settings.max_body_bytes
 
+        body = BodyState(headers.get(b"expect", b"").lower() == b"100-continue")
+
         async def send_with_headers(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 h = MutableHeaders(scope=message)
+                if status == 413 and not await body.drain(receive, self.server.settings.max_drain_bytes):
+                    h["Connection"] = "close"
                 h["X-Request-ID"] = request_id
                 h["X-Total-Time-Ms"] = f"{(time.monotonic() - t0) * 1000:.3f}"
                 timing: BatchTiming | None = state.get("timing")
@@ -252,15 +302,10 @@ class RequestContext:
                     h["X-Inference-Time-Ms"] = f"{timing.compute_s * 1000:.3f}"
             await send(message)
 
-        received = 0
-
         async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
+            message = await body.receive(receive)
+            if message["type"] == "http.request" and body.received > limit:
+                raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
             return message
 
         metrics.in_flight.inc()

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     decode_threads: int = Field(2, ge=1, description="threads decoding images and encoding PNGs")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413)")
+    max_drain_bytes: int = Field(
+        4 * 1024**3, ge=0, description="before a 413, read and discard up to this many bytes of the unread body, so "
+        "that clients which send the whole body before reading (urllib, requests, httpx) get the answer, not a "
+        "connection reset; past it (or after 60 s) the connection is closed")
     max_images_per_request: int = Field(32, ge=1, description="images in one request (413)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height of one image, checked before decoding")
 
