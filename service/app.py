@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi import __version__ as fastapi_version
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -404,9 +404,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         server.require("classifier", "/classify")
         images, raw = await read_request(request, settings.max_images_per_request, settings.max_body_bytes)
         options = parse_options(ClassifyOptions, raw)
+        k = options.top_k
+        if k > len(pipelines.labels):
+            raise InvalidOption(f"top_k {k} is over the {len(pipelines.labels)} labels of model {spec.name}")
         queue = server.queue("classifier", pipelines.classify_batch, "classifier")
         _, logits = await server.infer(request, queue, images)
-        k = min(options.top_k, len(pipelines.labels))
         return JSONResponse({
             "model": spec.name,
             "data": [{"index": i, "predictions": pipelines.top_k(row, k)} for i, row in enumerate(logits)],
@@ -429,7 +431,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reason = f"warm-up failed: {server.warmup_error}" if server.warmup_error else "warming up"
         return error_response(503, NotReady.type, reason, {"Retry-After": "1"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {
+        "content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text exposition 0.0.4"}})
     async def metrics() -> Response:
         return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

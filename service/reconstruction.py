@@ -26,8 +26,8 @@ class Reconstruction:
     masked: np.ndarray
     reconstruction: np.ndarray
     pasted: np.ndarray  # reconstruction with the visible patches of the original pasted back
-    mse_masked: float  # in the training target's space (the model's loss on this image)
-    mse_masked_pixels: float  # in [0, 1] pixel space, on the pictures as shown
+    mse_masked: float | None  # in the training target's space (the model's loss on this image); None: none removed
+    mse_masked_pixels: float | None  # in [0, 1] pixel space, on the pictures as shown
 
 
 def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
@@ -62,13 +62,14 @@ def reconstruct(rgb: np.ndarray, pred: np.ndarray, mask: np.ndarray, prep: Prepr
     else:
         loss_target, pred_pixels = target, pred
     removed = mask.astype(bool)
-    mse_masked = float(((pred - loss_target) ** 2).mean(axis=-1)[removed].mean())
+    # A mask ratio small enough to remove no patch (K = L) leaves nothing to score: None, not NaN.
+    mse_masked = float(((pred - loss_target) ** 2).mean(axis=-1)[removed].mean()) if removed.any() else None
 
     reconstruction = np.clip(unpatchify(pred_pixels, patch_size, channels) * std + mean, 0.0, 1.0)
     pixel_mask = unpatchify(np.repeat(mask.astype(np.float64)[:, None], target.shape[1], axis=1),
                             patch_size, channels)  # [C, H, W], 1 on removed patches
     masked = original * (1 - pixel_mask) + MASKED_GRAY * pixel_mask
     pasted = original * (1 - pixel_mask) + reconstruction * pixel_mask
-    mse_pixels = float(((reconstruction - original) ** 2)[pixel_mask.astype(bool)].mean())
+    mse_pixels = float(((reconstruction - original) ** 2)[pixel_mask.astype(bool)].mean()) if removed.any() else None
     return Reconstruction(original=original, masked=masked, reconstruction=reconstruction, pasted=pasted,
                           mse_masked=mse_masked, mse_masked_pixels=mse_pixels)

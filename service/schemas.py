@@ -31,7 +31,8 @@ class ReconstructOptions(_Options):
 
 
 class ClassifyOptions(_Options):
-    top_k: int = Field(5, ge=1, description="labels per image (capped at the number of classes)")
+    top_k: int = Field(5, ge=1, description="labels per image, at most the model's number of labels (/info "
+                       "model.labels; more is a 422, not silently clamped)")
 
 
 class _Images(BaseModel):
@@ -105,8 +106,11 @@ class ReconstructImages(BaseModel):
 class ReconstructItem(BaseModel):
     index: int
     mask: list[int] = Field(description="per patch in row-major order: 1 removed, 0 visible")
-    mse_masked: float = Field(description="mean squared error on removed patches, in the training target's space")
-    mse_masked_pixels: float = Field(description="mean squared error on removed patches, pixels in [0, 1]")
+    mse_masked: float | None = Field(
+        description="mean squared error on removed patches, in the training target's space; null when the mask "
+        "ratio removes no patch")
+    mse_masked_pixels: float | None = Field(
+        description="mean squared error on removed patches, pixels in [0, 1]; null when no patch is removed")
     images: ReconstructImages
 
 
