@@ -56,7 +56,7 @@ default-model: $(VENV)/.test-installed system-deps
 	$(VENV)/bin/mae-probe --config configs/probe_fmnist.toml
 	$(VENV)/bin/mae-finetune --config configs/finetune_fmnist.toml
 	$(VENV)/bin/mae-export --checkpoint $(RUN)/probe/checkpoint-probe.pth \
-		--classifier $(RUN)/finetune/checkpoint-last.pth --precision fp32,fp16 \
+		--classifier $(RUN)/finetune/checkpoint-last.pth --precision fp32,fp16,int8 \
 		--name mae-vit-tiny-fmnist --out service/default_model
 	$(PY) -m training.model_card --run $(RUN) --model-dir service/default_model --out docs/model_card
 

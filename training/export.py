@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
@@ -38,33 +37,34 @@ from service.model_dir import (
     ClassifierInfo,
     Embedding,
     FileSpec,
-    ModelDir,
     ModelJson,
     Preprocessing,
-    SelfCheckSpec,
     TensorSpec,
     Training,
-    Verification,
-    VerificationRow,
-    check_session_io,
     load_model_dir,
-    make_file_spec,
-    sha256_file,
     write_model_json,
 )
 from training.cli import run_cli
 from training.data import FASHION_MNIST_DIR, IMAGENET_MEAN, IMAGENET_STD, build_dataset
-from training.quantize import DEFAULT_RECIPE, quantize_int8
+from training.variants import (
+    EXTERNAL_DATA_BYTES,
+    VERIFY_BATCHES,
+    Sessions,
+    add_variant,
+    check_rows,
+    declare,
+    derive_variants,
+    format_table,
+    masking_cases,
+    run_self_check,
+    variant_name,
+    verification,
+    verify,
+    write_self_check,
+)
 
 DEFAULT_OPSET = 20  # attention stays decomposed (fusable by ORT); Attention-23 is not on every EP yet
 OPSETS = range(18, 23)
-# Protobuf cannot hold a model over 2 GiB; above this many bytes of weights they go to a file beside the graph.
-EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
-VERIFY_BATCHES = (1, 3, 8)
-
-
-class ExportVerificationError(ValueError):
-    """ONNX Runtime disagreed with torch beyond the limits; nothing was written."""
 
 
 class EncoderGraph(nn.Module):
@@ -109,7 +109,7 @@ def graph_exports(mae: ViTEncoder, classifier: ViTClassifier | None) -> dict[str
     K = torch.export.Dim("K", min=1, max=L)
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(2, c.in_chans, c.img_size, c.img_size, generator=g)  # B, K >= 2: no 0/1 specialization
-    ids_keep, ids_restore = masking_ids(mae, 2, max(2, L // 4), g)
+    ids_keep, ids_restore = (torch.from_numpy(a) for a in masking_cases(L, 2, np.random.default_rng(0))[max(2, L // 4)])
     pixels_spec = TensorSpec(name="pixels", shape=["B", c.in_chans, c.img_size, c.img_size], dtype="float32")
     latent_spec = TensorSpec(name="latent", shape=["B", "1+K", D], dtype="float32")
     graphs = {"encoder": GraphExport(
@@ -136,13 +136,6 @@ def graph_exports(mae: ViTEncoder, classifier: ViTClassifier | None) -> dict[str
     return graphs
 
 
-def masking_ids(mae: ViTEncoder, batch: int, keep: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """ids_keep [B, keep] and ids_restore [B, L] of a random masking, by the model's own `random_masking`."""
-    noise = torch.rand(batch, mae.config.num_patches, generator=g)
-    ids_shuffle, ids_restore, _ = mae.random_masking(batch, 0.0, noise)  # ratio 0: ids_keep is the whole shuffle
-    return ids_shuffle[:, :keep].contiguous(), ids_restore
-
-
 def export_graph(graph: GraphExport, path: Path, opset: int) -> None:
     """torch.onnx.export (dynamo) to `path`, weights beside it in `<name>.data` when over the protobuf limit."""
     input_names = [t.name for t in graph.inputs]
@@ -167,89 +160,6 @@ def check_layer_norms(model: onnx.ModelProto, expected: int, what: str) -> None:
                            f"{ops.count('LayerNormalization')} and {ops.count('Pow')} (opset too old?)")
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-    else:
-        onnx.save_model(model, path)
-
-
-def external_data_files(path: Path) -> list[str]:
-    """The external data files an .onnx file refers to (relative to its directory)."""
-    model = onnx.load(path, load_external_data=False)
-    locations = {
-        entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-        for entry in t.external_data if entry.key == "location"
-    }
-    return sorted(locations)
-
-
-def convert_fp16(src: Path, dst: Path) -> None:
-    """fp16 weights and compute with float32 inputs and outputs (keep_io_types): callers feed the same arrays.
-
-    Shape inference is skipped: the dynamo exporter already typed every intermediate, and
-    onnx shape inference cannot run on protos over 2 GiB.
-    """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(src), keep_io_types=True, disable_shape_infer=True)
-    save_onnx(model, dst)
-
-
-def variant_name(graph: str, precision: str) -> str:
-    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
-
-
-def compare(graph: str, precision: str, inputs: str, batch: int, keep: int | None,
-            expected: Tensor, actual: np.ndarray) -> VerificationRow:
-    ref = expected.numpy()
-    if actual.shape != ref.shape:
-        raise ExportVerificationError(f"{graph} ({precision}): output shape {actual.shape}, torch gives {ref.shape}")
-    max_abs = float(np.abs(actual - ref).max())
-    cosine = float(self_check.cosine_per_image(ref, actual).min())
-    return VerificationRow(graph=graph, precision=precision, inputs=inputs, batch=batch, keep=keep,
-                           max_abs_diff=max_abs, cosine=cosine, passed=self_check.passes(graph, precision, max_abs, cosine))
-
-
-@torch.no_grad()
-def verify(mae: ViTEncoder, classifier: ViTClassifier | None, sessions: dict[str, dict[str, ort.InferenceSession]],
-           real_images: Tensor | None, seed: int = 0) -> list[VerificationRow]:
-    """ORT vs torch for every session, on random and real pixels, B in VERIFY_BATCHES, K in (1, L//4, L)."""
-    c = mae.config
-    L = c.num_patches
-    g = torch.Generator().manual_seed(seed)
-    pixel_sets = {"random": torch.randn(max(VERIFY_BATCHES), c.in_chans, c.img_size, c.img_size, generator=g)}
-    if real_images is not None:
-        pixel_sets["real"] = real_images
-    rows = []
-    for kind, pixels_all in pixel_sets.items():
-        for batch in VERIFY_BATCHES:
-            if batch > len(pixels_all):
-                continue
-            pixels = pixels_all[:batch].contiguous()
-            feeds_pixels = pixels.numpy()
-            for keep in sorted({1, max(1, L // 4), L}):
-                ids_keep, ids_restore = masking_ids(mae, batch, keep, g)
-                latent = mae.forward_encoder(pixels, ids_keep)
-                pred = mae.forward_decoder(latent, ids_restore) if "decoder" in sessions else None
-                for precision, enc in sessions["encoder"].items():
-                    ort_latent = enc.run(None, {"pixels": feeds_pixels, "ids_keep": ids_keep.numpy()})[0]
-                    rows.append(compare("encoder", precision, kind, batch, keep, latent, ort_latent))
-                    if pred is not None:
-                        dec = sessions["decoder"][precision]
-                        ort_pred = dec.run(None, {"latent": ort_latent, "ids_restore": ids_restore.numpy()})[0]
-                        rows.append(compare("encoder+decoder", precision, kind, batch, keep, pred, ort_pred))
-            if classifier is not None:
-                logits = classifier(pixels)
-                for precision, sess in sessions["classifier"].items():
-                    rows.append(compare("classifier", precision, kind, batch, None, logits,
-                                        sess.run(None, {"pixels": feeds_pixels})[0]))
-    order = ["encoder", "encoder+decoder", "classifier"]
-    return sorted(rows, key=lambda r: (order.index(r.graph), PRECISIONS.index(r.precision), r.inputs))
-
-
 def torch_reference(mae: ViTEncoder, classifier: ViTClassifier | None) -> self_check.RunGraph:
     """The torch modules as a (graph, feeds) -> output function, the reference the ONNX graphs are held to."""
 
@@ -263,45 +173,6 @@ def torch_reference(mae: ViTEncoder, classifier: ViTClassifier | None) -> self_c
     return run
 
 
-def write_self_check(root: Path, mae: ViTEncoder, classifier: ViTClassifier | None,
-                     real_images: Tensor | None, seed: int = 1) -> SelfCheckSpec:
-    """`selfcheck.npz`: a few real images (random pixels without a data set), masks at K = L, L//4, 1, torch outputs."""
-    c = mae.config
-    n = self_check.SELF_CHECK_IMAGES
-    rng = np.random.default_rng(seed)
-    if real_images is not None:
-        pixels, kind = real_images[:n].numpy(), "real"
-    else:
-        pixels, kind = rng.standard_normal((n, c.in_chans, c.img_size, c.img_size)).astype(np.float32), "random"
-    cases = {}
-    for keep in sorted({c.num_patches, max(1, c.num_patches // 4), 1}, reverse=True):
-        ids_shuffle = np.argsort(rng.random((len(pixels), c.num_patches)), axis=1, kind="stable")
-        cases[keep] = (ids_shuffle[:, :keep], np.argsort(ids_shuffle, axis=1, kind="stable"))
-    graphs = {"encoder"} | ({"decoder"} if isinstance(mae, MaskedAutoencoderViT) else set()) | \
-        ({"classifier"} if classifier is not None else set())
-    arrays = self_check.reference_arrays(pixels, cases, torch_reference(mae, classifier), graphs)
-    path = root / self_check.SELF_CHECK_FILE
-    self_check.save(path, arrays)
-    return SelfCheckSpec(path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size, images=len(pixels),
-                         inputs=kind, reference="torch", keeps=sorted(cases, reverse=True))
-
-
-def run_self_check(model_dir: ModelDir, sessions: dict[str, dict[str, ort.InferenceSession]]) -> None:
-    """Every exported variant on the stored self-check, with the server's checks; raises if one misses its gate."""
-    arrays = self_check.load(model_dir.root / model_dir.spec.self_check.path)
-    for precision in sessions["encoder"]:
-        run = lambda graph, feeds, p=precision: sessions[graph].get(p, sessions[graph]["fp32"]).run(None, feeds)[0]
-        results = [self_check.check_encoder(arrays, precision, run)]
-        if "decoder" in sessions:
-            results.append(self_check.check_chain(arrays, precision, run))
-        if "classifier" in sessions:
-            results.append(self_check.check_classifier(arrays, precision, run))
-        failed = [r for r in results if not r.passed]
-        if failed:
-            raise ExportVerificationError(f"self-check: {failed[0].graph} {precision} misses its gate "
-                                          f"(cosine {failed[0].cosine:.6f}, max_abs_diff {failed[0].max_abs_diff:.2e})")
-
-
 def embedding_info(ckpt: dict, config) -> Embedding:
     """`/embed`'s default: the pooling the checkpoint's linear probe was measured on (cls without a probe)."""
     probe = ckpt.get("classifier") if ckpt.get("kind") == "probe" else None
@@ -309,14 +180,7 @@ def embedding_info(ckpt: dict, config) -> Embedding:
     return Embedding(default_pooling=pooling, dim=config.embed_dim * (2 if pooling == "cls+mean" else 1))
 
 
-def format_table(rows: Sequence[VerificationRow]) -> str:
-    lines = ["| graph | precision | inputs | B | K | max_abs_diff | cosine | ok |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.graph} | {r.precision} | {r.inputs} | {r.batch} | {'' if r.keep is None else r.keep} | "
-              f"{r.max_abs_diff:.2e} | {r.cosine:.6f} | {'yes' if r.passed else 'NO'} |" for r in rows]
-    return "\n".join(lines)
-
-
-def default_real_images(ckpt: dict[str, Any], config: MAEConfig, count: int) -> Tensor | None:
+def default_real_images(ckpt: dict[str, Any], config: MAEConfig | Architecture, count: int) -> Tensor | None:
     """A few test images of the checkpoint's data set when it is Fashion-MNIST and on disk, else None."""
     data = ckpt.get("data") or {}
     if data.get("dataset") != "fashion-mnist" or config.in_chans != 1 or not FASHION_MNIST_DIR.is_dir():
@@ -395,7 +259,7 @@ def _prepare_out_dir(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Replace `out` by `tmp` with renames, so a reader sees the old directory or the new one, never half."""
     _prepare_out_dir(out)
     old = None
@@ -436,42 +300,29 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
     try:
         graphs = graph_exports(mae, classifier)
         files: dict[str, dict[str, FileSpec]] = {}
-        sessions: dict[str, dict[str, ort.InferenceSession]] = {}
-        quiet = ort.SessionOptions()
-        quiet.log_severity_level = 3  # fp16 graphs warn that CPU cannot constant-fold fp16 Adds; harmless here
+        sessions: Sessions = {}
         for graph, spec in graphs.items():
             for precision in precisions:
                 t = time.perf_counter()
-                path = tmp / variant_name(graph, precision)
                 if precision == "fp32":
-                    export_graph(spec, path, opset)
-                elif precision == "fp16":
-                    convert_fp16(tmp / variant_name(graph, "fp32"), path)
+                    export_graph(spec, tmp / variant_name(graph, precision), opset)
+                    file_spec, session = declare(tmp, variant_name(graph, precision), spec.inputs, spec.outputs)
                 else:
-                    quantize_int8(tmp / variant_name(graph, "fp32"), path)
-                file_spec = make_file_spec(tmp, path.name, spec.inputs, spec.outputs, external_data_files(path))
-                if precision == "int8":
-                    file_spec = file_spec.model_copy(update={"quantization": DEFAULT_RECIPE})
-                session = ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
-                check_session_io(file_spec, session)  # also proves B and K came out symbolic
+                    file_spec, session = add_variant(tmp, graph, precision, spec.inputs, spec.outputs)
                 files.setdefault(graph, {})[precision] = file_spec
                 sessions.setdefault(graph, {})[precision] = session
-                log(f"mae-export: {path.name} ({file_spec.bytes / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
+                log(f"mae-export: {file_spec.path} ({file_spec.bytes / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
 
         t = time.perf_counter()
-        rows = verify(mae, classifier, sessions, real_images)
-        table = format_table(rows)
-        log(table)
+        reference = torch_reference(mae, classifier)
+        shape = (config.in_chans, config.img_size, config.img_size)
+        pixel_sets = {"random": np.random.default_rng(0).standard_normal((max(VERIFY_BATCHES), *shape))}
+        if real_images is not None:
+            pixel_sets["real"] = real_images.numpy()
+        rows = verify(reference, sessions, pixel_sets, config.num_patches)
+        log(format_table(rows))
         log(f"mae-export: verified {len(rows)} cases in {time.perf_counter() - t:.1f} s")
-        failed = [r for r in rows if not r.passed]
-        if failed:
-            raise ExportVerificationError(
-                f"{len(failed)} of {len(rows)} verification cases failed (fp32 max_abs_diff > "
-                f"{self_check.FP32_MAX_ABS_DIFF}, or cosine below {self_check.MIN_COSINE}, "
-                f"{self_check.MIN_COSINE_CHAINED} for encoder+decoder); "
-                f"first: {failed[0].graph} {failed[0].precision} "
-                f"B={failed[0].batch} K={failed[0].keep}: max_abs_diff {failed[0].max_abs_diff:.2e}, "
-                f"cosine {failed[0].cosine:.6f}")
+        check_rows(rows)
 
         info = (cls_ckpt or ckpt).get("classifier") if classifier is not None else None
         model_json = ModelJson(
@@ -486,15 +337,14 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
             classifier=classifier_info(classifier, info) if classifier is not None else None,
             training=training_facts(ckpt, cls_ckpt),
             files=files,
-            verification=Verification(fp32_max_abs_diff=self_check.FP32_MAX_ABS_DIFF,
-                                      min_cosine=self_check.MIN_COSINE,
-                                      min_cosine_chained=self_check.MIN_COSINE_CHAINED, rows=rows),
-            self_check=write_self_check(tmp, mae, classifier, real_images),
+            verification=verification(rows),
+            self_check=write_self_check(tmp, reference, "torch", set(graphs), shape, config.num_patches,
+                                        None if real_images is None else real_images.numpy()),
         )
         write_model_json(tmp, model_json)
         run_self_check(load_model_dir(tmp), sessions)  # the server's own checks, before the directory is visible
         sessions.clear()
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -504,7 +354,11 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("mae-export", description="Export a checkpoint to an ONNX model directory.")
-    p.add_argument("--checkpoint", required=True, type=Path, help="mae, encoder or probe checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="mae, encoder or probe checkpoint")
+    source.add_argument("--from-model-dir", type=Path, default=None,
+                        help="add the --precision variants and a self-check to this model directory, without its "
+                        "checkpoint: its fp32 graphs are the reference (--out may be the same directory)")
     p.add_argument("--out", required=True, type=Path, help="model directory to write (replaced if it is one)")
     p.add_argument("--classifier", type=Path, default=None,
                    help="fine-tuned (or probe) checkpoint for classifier.onnx (default: the checkpoint's probe head)")
@@ -524,6 +378,11 @@ def quiet_library_logs() -> None:
 def main(args: argparse.Namespace) -> None:
     quiet_library_logs()
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if args.from_model_dir is not None:
+        spec = load_model_dir(args.from_model_dir).spec
+        real = default_real_images({"data": {"dataset": spec.training.dataset}}, spec.architecture, max(VERIFY_BATCHES))
+        derive_variants(args.from_model_dir, args.out, precisions, None if real is None else real.numpy())
+        return
     export_model_dir(args.checkpoint, args.out, args.classifier, precisions, args.name, args.opset)
 
 

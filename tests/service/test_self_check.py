@@ -87,3 +87,14 @@ def test_a_tampered_self_check_file_is_refused(tiny_model_dir: Path, tmp_path: P
     (out / "selfcheck.npz").write_bytes(bytes(data))
     with pytest.raises(ModelDirError, match=r"selfcheck\.npz: sha256 .*self-check"):
         create_app(Settings(model_dir=out))
+
+
+def test_the_bundled_int8_variant_passes_its_self_check_here() -> None:
+    from service.settings import BUNDLED_MODEL_DIR
+
+    with make_client(BUNDLED_MODEL_DIR, precision="int8") as c:
+        runtime = c.get("/info").json()["runtime"]
+    check = runtime["self_check"]
+    assert check["reference"] == "onnxruntime-fp32" and check["fell_back"] == []
+    assert {g["precision"] for g in runtime["graphs"].values()} == {"int8"}
+    assert all(r["passed"] for r in check["results"]), check

@@ -15,8 +15,9 @@ from PIL import Image
 from model import MaskedAutoencoderViT, load_checkpoint, load_classifier, read_checkpoint, save_checkpoint
 from service import self_check
 from service.model_dir import MODEL_JSON, ModelDirError, check_session_io, load_model_dir, sha256_file
-from training import export
-from training.export import ExportVerificationError, export_model_dir
+from training import export, variants
+from training.export import export_model_dir
+from training.variants import ExportVerificationError
 
 FIXTURE_IMAGES = sorted((Path(__file__).parents[1] / "fixtures" / "fmnist").glob("test_*.png"))[:8]
 L = 49  # patches of mae_vit_test (28 / 4 squared)
@@ -209,7 +210,8 @@ def encoder_only_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
 
 def test_external_data_export_loads(encoder_only_checkpoint, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)  # as for a ViT-H over protobuf's 2 GiB
-    monkeypatch.setattr(export, "VERIFY_BATCHES", (2,))
+    monkeypatch.setattr(variants, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(variants, "VERIFY_BATCHES", (2,))
     out = export_model_dir(encoder_only_checkpoint, tmp_path / "out", log=lambda _: None)
     model_dir = load_model_dir(out)
     assert not model_dir.has("decoder") and not model_dir.has("classifier") and model_dir.spec.labels is None
@@ -223,7 +225,7 @@ def test_external_data_export_loads(encoder_only_checkpoint, tmp_path, monkeypat
 
 def test_failed_verification_leaves_no_directory(encoder_only_checkpoint, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(self_check, "FP32_MAX_ABS_DIFF", 0.0)  # ORT is never bit-exact with torch
-    monkeypatch.setattr(export, "VERIFY_BATCHES", (2,))
+    monkeypatch.setattr(variants, "VERIFY_BATCHES", (2,))
     with pytest.raises(ExportVerificationError, match=r"verification cases failed"):
         export_model_dir(encoder_only_checkpoint, tmp_path / "out", log=lambda _: None)
     assert list(tmp_path.iterdir()) == [encoder_only_checkpoint]
@@ -233,7 +235,7 @@ def test_a_failed_export_keeps_the_previous_model_directory(encoder_only_checkpo
                                                              monkeypatch) -> None:
     before = sha256_file(model_dir_copy / MODEL_JSON)
     monkeypatch.setattr(self_check, "FP32_MAX_ABS_DIFF", 0.0)
-    monkeypatch.setattr(export, "VERIFY_BATCHES", (2,))
+    monkeypatch.setattr(variants, "VERIFY_BATCHES", (2,))
     with pytest.raises(ExportVerificationError):
         export_model_dir(encoder_only_checkpoint, model_dir_copy, log=lambda _: None)
     assert sha256_file(model_dir_copy / MODEL_JSON) == before
@@ -253,3 +255,18 @@ def test_cli_exits_2_on_bad_input(tiny_checkpoint, tmp_path, capsys, argv) -> No
     assert exc.value.code == 2
     assert "mae-export: error:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_variants_derived_from_a_model_directory(tiny_model_dir, tmp_path) -> None:
+    """mae-export --from-model-dir: int8 added without the checkpoint, the fp32 graphs as the reference."""
+    from training.variants import derive_variants
+
+    out = derive_variants(tiny_model_dir, tmp_path / "derived", ["int8"], real_pixels(tiny_model_dir).numpy(),
+                          log=lambda _: None)
+    spec = load_model_dir(out).spec
+    assert spec.self_check.reference == "onnxruntime-fp32" and spec.self_check.inputs == "real"
+    assert all(spec.files[g]["int8"].quantization == "dynamic-s8-reduce-range-float-block0" for g in spec.files)
+    rows = spec.verification.rows
+    assert {r.precision for r in rows} == {"fp32", "fp16", "int8"} and all(r.passed for r in rows)
+    before = load_model_dir(tiny_model_dir).spec.verification.rows
+    assert [r for r in rows if r.precision == "fp32"] == [r for r in before if r.precision == "fp32"]  # torch's
