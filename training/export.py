@@ -46,6 +46,7 @@ from service.model_dir import (
 )
 from training.cli import run_cli
 from training.data import FASHION_MNIST_DIR, IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from training.quantize import DEFAULT_RECIPE, RECIPES
 from training.variants import (
     EXTERNAL_DATA_BYTES,
     VERIFY_BATCHES,
@@ -273,7 +274,8 @@ def move_into_place(tmp: Path, out: Path) -> None:
 
 def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_checkpoint: str | Path | None = None,
                      precisions: Sequence[str] = ("fp32",), name: str | None = None, opset: int = DEFAULT_OPSET,
-                     verify_data: Tensor | None = None, log: Callable[[str], None] = print) -> Path:
+                     verify_data: Tensor | None = None, log: Callable[[str], None] = print,
+                     int8_recipe: str = DEFAULT_RECIPE) -> Path:
     """Export, verify and write the model directory `out_dir`; returns its path.
 
     fp32 is always exported (the other precisions derive from it). `verify_data`: real normalized
@@ -308,7 +310,7 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
                     export_graph(spec, tmp / variant_name(graph, precision), opset)
                     file_spec, session = declare(tmp, variant_name(graph, precision), spec.inputs, spec.outputs)
                 else:
-                    file_spec, session = add_variant(tmp, graph, precision, spec.inputs, spec.outputs)
+                    file_spec, session = add_variant(tmp, graph, precision, spec.inputs, spec.outputs, int8_recipe)
                 files.setdefault(graph, {})[precision] = file_spec
                 sessions.setdefault(graph, {})[precision] = session
                 log(f"mae-export: {file_spec.path} ({file_spec.bytes / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
@@ -364,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned (or probe) checkpoint for classifier.onnx (default: the checkpoint's probe head)")
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32 (always), fp16, int8")
     p.add_argument("--name", default=None, help="model name in model.json (default: the training config name)")
+    p.add_argument("--int8-recipe", default=DEFAULT_RECIPE, choices=[r.name for r in RECIPES.values()
+                                                                     if r.mode == "dynamic"],
+                   help="int8 quantization (training/quantize.py; the README's int8 table measures each on CPUs with "
+                   "and without VNNI); the default holds its gate on both kinds")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({OPSETS.start}-{OPSETS.stop - 1})")
     return p
 
@@ -381,9 +387,11 @@ def main(args: argparse.Namespace) -> None:
     if args.from_model_dir is not None:
         spec = load_model_dir(args.from_model_dir).spec
         real = default_real_images({"data": {"dataset": spec.training.dataset}}, spec.architecture, max(VERIFY_BATCHES))
-        derive_variants(args.from_model_dir, args.out, precisions, None if real is None else real.numpy())
+        derive_variants(args.from_model_dir, args.out, precisions, None if real is None else real.numpy(),
+                        int8_recipe=args.int8_recipe)
         return
-    export_model_dir(args.checkpoint, args.out, args.classifier, precisions, args.name, args.opset)
+    export_model_dir(args.checkpoint, args.out, args.classifier, precisions, args.name, args.opset,
+                     int8_recipe=args.int8_recipe)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

@@ -87,15 +87,15 @@ def cpu_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), quiet, providers=["CPUExecutionProvider"])
 
 
-def add_variant(root: Path, graph: str, precision: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
-                ) -> tuple[FileSpec, ort.InferenceSession]:
+def add_variant(root: Path, graph: str, precision: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                int8_recipe: str = DEFAULT_RECIPE) -> tuple[FileSpec, ort.InferenceSession]:
     """Derive `graph`'s fp16 or int8 file from its fp32 file in `root`; its declaration and a checked session."""
     src, dst = root / variant_name(graph, "fp32"), root / variant_name(graph, precision)
     if precision == "fp16":
         convert_fp16(src, dst)
     else:
-        quantize_int8(src, dst, DEFAULT_RECIPE)
-    return declare(root, dst.name, inputs, outputs, DEFAULT_RECIPE if precision == "int8" else None)
+        quantize_int8(src, dst, int8_recipe)
+    return declare(root, dst.name, inputs, outputs, int8_recipe if precision == "int8" else None)
 
 
 def declare(root: Path, name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
@@ -221,7 +221,8 @@ def session_reference(sessions: Mapping[str, ort.InferenceSession]) -> self_chec
 
 
 def derive_variants(src_dir: str | Path, out_dir: str | Path, precisions: Sequence[str],
-                    real_images: np.ndarray | None, log: Callable[[str], None] = print) -> Path:
+                    real_images: np.ndarray | None, log: Callable[[str], None] = print,
+                    int8_recipe: str = DEFAULT_RECIPE) -> Path:
     """Add `precisions` variants and a self-check to a model directory whose checkpoint is not at hand.
 
     The directory's fp32 graphs are the reference (they were verified against torch at export, and those
@@ -242,7 +243,7 @@ def derive_variants(src_dir: str | Path, out_dir: str | Path, precisions: Sequen
         for graph, precision in ((g, p) for g in files for p in wanted):
             t = time.perf_counter()
             files[graph][precision], new[graph][precision] = add_variant(
-                tmp, graph, precision, files[graph]["fp32"].inputs, files[graph]["fp32"].outputs)
+                tmp, graph, precision, files[graph]["fp32"].inputs, files[graph]["fp32"].outputs, int8_recipe)
             log(f"mae-export: {variant_name(graph, precision)} ({files[graph][precision].bytes / 1e6:.1f} MB) "
                 f"in {time.perf_counter() - t:.1f} s")
         a = src.spec.architecture
