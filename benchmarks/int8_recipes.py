@@ -170,15 +170,10 @@ def speed(work: Path, recipes: list[str], batch: int, runs: int) -> dict[str, An
     data = np.load(work / "inputs.npz")
     L = max(int(k.split("_")[-1]) for k in data.files if k.startswith("ids_keep_"))
     feeds = {"pixels": data["pixels"][:batch], "ids_keep": data[f"ids_keep_{L}"][:batch]}
+    from benchmarks.export_vitb import time_sessions  # imports torch: not in the emulated child
+
     sessions = {"fp32": session(work / "encoder.onnx"), **{r: session(work / f"{r}.onnx") for r in recipes}}
-    for s in sessions.values():
-        s.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for name, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[name].append(time.perf_counter() - t)
+    times = time_sessions(sessions, feeds, runs)
     medians = {k: float(np.median(v)) for k, v in times.items()}
     return {"batch": batch, "runs": runs, "median_s": medians,
             "speedup_vs_fp32": {r: medians["fp32"] / medians[r] for r in recipes}}

@@ -49,8 +49,8 @@ class TensorSpec(_Strict):
     dtype: DType
 
 
-class ExternalDataFile(_Strict):
-    """A weights file an `.onnx` file refers to (written beside it for graphs over 2 GB)."""
+class _HashedFile(_Strict):
+    """A file of the directory: its path (relative, no '..') and sha256."""
 
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -61,38 +61,28 @@ class ExternalDataFile(_Strict):
         return _check_relative(v)
 
 
-class FileSpec(_Strict):
+class ExternalDataFile(_HashedFile):
+    """A weights file an `.onnx` file refers to (written beside it for graphs over 2 GB)."""
+
+
+class FileSpec(_HashedFile):
     """One ONNX file of the directory, with what the server checks before and after loading it."""
 
-    path: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
     external_data: list[ExternalDataFile] = []
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     quantization: str | None = None  # the int8 recipe (training/quantize.py) of an int8 variant
 
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        return _check_relative(v)
 
-
-class SelfCheckSpec(_Strict):
+class SelfCheckSpec(_HashedFile):
     """The stored self-check (`selfcheck.npz`): inputs and reference outputs the server checks every variant on."""
 
-    path: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
     images: int = Field(gt=0)
     inputs: Literal["random", "real"]
     reference: Literal["torch", "onnxruntime-fp32"]  # torch at export; fp32 ONNX Runtime when derived from a directory
     keeps: list[int]  # the kept-patch counts K of the stored cases
-
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        return _check_relative(v)
 
 
 class Architecture(_Strict):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -31,7 +30,6 @@ from model.configs import MAEConfig
 from model.mae import MaskedAutoencoderViT, ViTClassifier, ViTEncoder
 from service import self_check
 from service.model_dir import (
-    MODEL_JSON,
     PRECISIONS,
     Architecture,
     ClassifierInfo,
@@ -42,7 +40,6 @@ from service.model_dir import (
     TensorSpec,
     Training,
     load_model_dir,
-    write_model_json,
 )
 from training.cli import run_cli
 from training.data import FASHION_MNIST_DIR, IMAGENET_MEAN, IMAGENET_STD, build_dataset
@@ -57,7 +54,8 @@ from training.variants import (
     derive_variants,
     format_table,
     masking_cases,
-    run_self_check,
+    prepare_out_dir,
+    publish,
     variant_name,
     verification,
     verify,
@@ -254,24 +252,6 @@ def load_models(checkpoint: str | Path, classifier_checkpoint: str | Path | None
     return ckpt, mae, classifier, cls_ckpt
 
 
-def _prepare_out_dir(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and ((out / MODEL_JSON).is_file() or not any(out.iterdir()))):
-        raise ValueError(f"{out}: exists and is not a model directory; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` with renames, so a reader sees the old directory or the new one, never half."""
-    _prepare_out_dir(out)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_checkpoint: str | Path | None = None,
                      precisions: Sequence[str] = ("fp32",), name: str | None = None, opset: int = DEFAULT_OPSET,
                      verify_data: Tensor | None = None, log: Callable[[str], None] = print,
@@ -292,7 +272,7 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
     if opset not in OPSETS:
         raise ValueError(f"opset {opset} not supported (choose {OPSETS.start}-{OPSETS.stop - 1})")
     precisions = ["fp32", *[p for p in PRECISIONS[1:] if p in precisions]]
-    _prepare_out_dir(out)
+    prepare_out_dir(out)
     ckpt, mae, classifier, cls_ckpt = load_models(checkpoint, classifier_checkpoint)
     config = mae.config
     real_images = verify_data if verify_data is not None else default_real_images(ckpt, config, max(VERIFY_BATCHES))
@@ -343,10 +323,7 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
             self_check=write_self_check(tmp, reference, "torch", set(graphs), shape, config.num_patches,
                                         None if real_images is None else real_images.numpy()),
         )
-        write_model_json(tmp, model_json)
-        run_self_check(load_model_dir(tmp), sessions)  # the server's own checks, before the directory is visible
-        sessions.clear()
-        move_into_place(tmp, out)
+        publish(tmp, out, model_json, sessions)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ against torch when they were exported).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -21,9 +22,11 @@ import onnxruntime as ort
 
 from service import self_check
 from service.model_dir import (
+    MODEL_JSON,
     PRECISIONS,
     FileSpec,
     ModelDir,
+    ModelJson,
     SelfCheckSpec,
     TensorSpec,
     Verification,
@@ -216,6 +219,32 @@ def run_self_check(model_dir: ModelDir, sessions: Sessions) -> None:
                                           f"(cosine {failed[0].cosine:.6f}, max_abs_diff {failed[0].max_abs_diff:.2e})")
 
 
+def prepare_out_dir(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and ((out / MODEL_JSON).is_file() or not any(out.iterdir()))):
+        raise ValueError(f"{out}: exists and is not a model directory; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` with renames, so a reader sees the old directory or the new one, never half."""
+    prepare_out_dir(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def publish(tmp: Path, out: Path, spec: ModelJson, sessions: Sessions) -> None:
+    """Write model.json into `tmp`, run the server's loader and self-check there, then move `tmp` to `out`."""
+    write_model_json(tmp, spec)
+    run_self_check(load_model_dir(tmp), sessions)  # the server's own checks, before the directory is visible
+    sessions.clear()  # close the sessions before their files move
+    move_into_place(tmp, out)
+
+
 def session_reference(sessions: Mapping[str, ort.InferenceSession]) -> self_check.RunGraph:
     return lambda graph, feeds: sessions[graph].run(None, feeds)[0]
 
@@ -228,8 +257,6 @@ def derive_variants(src_dir: str | Path, out_dir: str | Path, precisions: Sequen
     The directory's fp32 graphs are the reference (they were verified against torch at export, and those
     rows are kept); the self-check records that (`reference: onnxruntime-fp32`). Written atomically.
     """
-    from training.export import move_into_place  # the one atomic replace, shared with the exporter
-
     src = load_model_dir(src_dir)
     out = Path(out_dir).resolve()
     wanted = [p for p in PRECISIONS[1:] if p in precisions]
@@ -259,11 +286,7 @@ def derive_variants(src_dir: str | Path, out_dir: str | Path, precisions: Sequen
             "files": files, "verification": verification(kept + rows),
             "self_check": write_self_check(tmp, session_reference(fp32), "onnxruntime-fp32", set(files), shape,
                                            a.num_patches, real_images)})
-        write_model_json(tmp, spec)
-        run_self_check(load_model_dir(tmp), {g: {"fp32": fp32[g], **new[g]} for g in files})
-        fp32.clear()
-        new.clear()
-        move_into_place(tmp, out)
+        publish(tmp, out, spec, {g: {"fp32": fp32.pop(g), **new.pop(g)} for g in files})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
