@@ -333,7 +333,7 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("mae-export", description="Export a checkpoint to an ONNX model directory.")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()  # one of them, checked in main (a config file may give it)
     source.add_argument("--checkpoint", type=Path, help="mae, encoder or probe checkpoint")
     source.add_argument("--from-model-dir", type=Path, default=None,
                         help="add the --precision variants and a self-check to this model directory, without its "
@@ -361,6 +361,8 @@ def quiet_library_logs() -> None:
 def main(args: argparse.Namespace) -> None:
     quiet_library_logs()
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if (args.checkpoint is None) == (args.from_model_dir is None):
+        raise ValueError("give one of --checkpoint and --from-model-dir")
     if args.from_model_dir is not None:
         spec = load_model_dir(args.from_model_dir).spec
         real = default_real_images({"data": {"dataset": spec.training.dataset}}, spec.architecture, max(VERIFY_BATCHES))
