@@ -10,14 +10,11 @@ Torch-free.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger("service.self_check")
 
 SELF_CHECK_FILE = "selfcheck.npz"
 SELF_CHECK_IMAGES = 8
