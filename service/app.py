@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
-import itertools
 import logging
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,9 +27,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull
@@ -52,6 +48,7 @@ from service.imaging import ImageRejected, ModelImage
 from service.inputs import describe_validation_errors, parse_options, read_request
 from service.masking import MAX_SEED, len_keep, random_masking
 from service.metrics import Metrics
+from service.middleware import RequestContext
 from service.model_dir import ModelDirError, load_model_dir
 from service.pipelines import MaskedImage, Pipelines
 from service.responses import JSONResponse
@@ -75,11 +72,9 @@ log = logging.getLogger("service")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
-_REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,200}$")
 _FASTAPI_HAS_TELEMETRY = "telemetry" in inspect.signature(FastAPI.__init__).parameters
 INLINE_DECODE_MAX_BYTES = 16 * 1024  # Server.decode: images decoded on the event loop, not in the pool
 INLINE_DECODE_MAX_PIXELS = 128 * 128
-DRAIN_TIMEOUT_S = 60.0  # BodyState.drain: how long an over-limit body is read and discarded before a 413
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)
 }
@@ -217,115 +212,6 @@ class Server:
         }
 
 
-class BodyState:
-    """How much of one request's body the app has read, and the discarding of the rest before a 413.
-
-    Clients such as urllib, requests and httpx write the whole body before they read the response;
-    a server that answers 413 and closes with unread data in the socket makes the kernel send a reset,
-    and those clients see "connection reset" instead of the envelope. So before a 413 the rest of the
-    body is read and thrown away, chunk by chunk (memory does not grow with it), up to a bound in
-    bytes and time; past the bound the connection is closed as before. A client that sent
-    `Expect: 100-continue` and was never asked to continue (nothing was read) has sent no body.
-    """
-
-    def __init__(self, expects_continue: bool):
-        self.expects_continue = expects_continue
-        self.received = 0
-        self.reads = 0
-        self.complete = False
-
-    async def receive(self, receive: Receive) -> Message:
-        self.reads += 1
-        message = await receive()
-        if message["type"] == "http.request":
-            self.received += len(message.get("body", b""))
-            self.complete = not message.get("more_body", False)
-        else:  # http.disconnect
-            self.complete = True
-        return message
-
-    async def drain(self, receive: Receive, max_bytes: int) -> bool:
-        """Discard the unread body; False when it could not be read to its end within the bounds."""
-        if self.complete or (self.expects_continue and self.reads == 0):
-            return True
-        start, stop = self.received, time.monotonic() + DRAIN_TIMEOUT_S
-        try:
-            while not self.complete:
-                if self.received - start > max_bytes:
-                    return False
-                remaining = stop - time.monotonic()
-                if remaining <= 0:
-                    return False
-                await asyncio.wait_for(self.receive(receive), remaining)
-        except TimeoutError:
-            return False
-        return True
-
-
-class RequestContext:
-    """ASGI middleware: request id, body limit, timing headers, request metrics."""
-
-    def __init__(self, app: ASGIApp, server: Server):
-        self.app, self.server = app, server
-        # generated ids: a random per-process prefix and a counter, 32 hex digits like a uuid4, unique
-        # across workers and restarts without a urandom call per request
-        self._id_prefix, self._id_counter = secrets.token_hex(8), itertools.count()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.monotonic()
-        headers = dict(scope["headers"])
-        given_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given_id if _REQUEST_ID.match(given_id) else f"{self._id_prefix}{next(self._id_counter):016x}"
-        state = scope.setdefault("state", {})
-        state.update(t0=t0, timing=None)
-        status = 500
-        metrics = self.server.metrics
-        limit = self.server.settings.max_body_bytes
-
-        body = BodyState(headers.get(b"expect", b"").lower() == b"100-continue")
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                h = MutableHeaders(scope=message)
-                if status == 413 and not await body.drain(receive, self.server.settings.max_drain_bytes):
-                    h["Connection"] = "close"
-                h["X-Request-ID"] = request_id
-                h["X-Total-Time-Ms"] = f"{(time.monotonic() - t0) * 1000:.3f}"
-                timing: BatchTiming | None = state.get("timing")
-                if timing is not None and timing.batch_sizes:
-                    h["X-Queue-Time-Ms"] = f"{timing.queue_s * 1000:.3f}"
-                    h["X-Inference-Time-Ms"] = f"{timing.compute_s * 1000:.3f}"
-            await send(message)
-
-        async def receive_limited() -> Message:
-            message = await body.receive(receive)
-            if message["type"] == "http.request" and body.received > limit:
-                raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
-            return message
-
-        metrics.in_flight.inc()
-        try:
-            length = headers.get(b"content-length", b"")
-            if length.isdigit() and int(length) > limit:
-                metrics.rejections.labels(PayloadTooLarge.type).inc()
-                response = error_response(413, PayloadTooLarge.type,
-                                          f"request body of {int(length)} bytes is over the limit of {limit} bytes")
-                await response(scope, receive, send_with_headers)
-            else:
-                await self.app(scope, receive_limited, send_with_headers)
-        finally:
-            metrics.in_flight.dec()
-            route = scope.get("route")
-            label = getattr(route, "path", "unmatched")
-            metrics.requests.labels(label, str(status)).inc()
-            metrics.request_seconds.labels(label).observe(time.monotonic() - t0)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for one process; raises ModelDirError or RuntimeConfigError when the model cannot be served."""
     settings = settings or Settings()
@@ -342,7 +228,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          description="Embeddings, reconstructions and labels from a Masked Autoencoder (ONNX Runtime).")
     app.state.server = server
     _install_error_handlers(app, server)
-    app.add_middleware(RequestContext, server=server)
+    app.add_middleware(RequestContext, metrics=server.metrics, settings=settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
