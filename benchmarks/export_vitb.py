@@ -22,8 +22,8 @@ import onnxruntime as ort
 import torch
 
 from model import MaskedAutoencoderViT, get_config, save_checkpoint
-from service.model_dir import load_model_dir
-from service.self_check import cosine_per_image
+from model_dir.schema import load_model_dir
+from model_dir.self_check import cosine_per_image
 from training.export import export_model_dir, quiet_library_logs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export_vitb.json"

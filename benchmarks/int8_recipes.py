@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.self_check import cosine_per_image, cpu_features
+from model_dir.self_check import cosine_per_image, cpu_features
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "fmnist"
@@ -55,7 +55,7 @@ def prepare_model(name: str, work: Path) -> tuple[Path, Any, int]:
 
     `default` is the bundled model; the others are random-init MAEs (seed 0, as the test fixture).
     """
-    from service.model_dir import Preprocessing, load_model_dir
+    from model_dir.schema import Preprocessing, load_model_dir
 
     if name == "default":
         model_dir = load_model_dir(ROOT / "service" / "default_model")

@@ -33,6 +33,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model_dir.schema import ModelDirError, load_model_dir
 from service import __version__
 from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull
 from service.errors import (
@@ -52,7 +53,6 @@ from service.imaging import ImageRejected, ModelImage
 from service.inputs import describe_validation_errors, parse_options, read_request
 from service.masking import MAX_SEED, len_keep, random_masking
 from service.metrics import Metrics
-from service.model_dir import ModelDirError, load_model_dir
 from service.pipelines import MaskedImage, Pipelines
 from service.responses import JSONResponse
 from service.runtime import Runtime

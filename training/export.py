@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from model.checkpoint import CheckpointError, build_autoencoder, build_classifier, checkpoint_config, read_checkpoint
 from model.configs import MAEConfig
 from model.mae import MaskedAutoencoderViT, ViTClassifier, ViTEncoder
-from service import self_check
-from service.model_dir import (
+from model_dir import self_check
+from model_dir.schema import (
     PRECISIONS,
     Architecture,
     ClassifierInfo,
@@ -197,7 +197,7 @@ def preprocessing(ckpt: dict[str, Any], config: MAEConfig) -> Preprocessing:
     mean, std = data.get("mean"), data.get("std")
     if mean is None or std is None:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if config.in_chans == 3 else ((0.5,), (0.5,))
-    return Preprocessing(resize=config.img_size, crop=config.img_size, interpolation="bicubic",
+    return Preprocessing(resize=config.img_size, crop=config.img_size,
                          channels="L" if config.in_chans == 1 else "RGB", mean=list(mean), std=list(std))
 
 

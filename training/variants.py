@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service import self_check
-from service.model_dir import (
+from model_dir import self_check
+from model_dir.schema import (
     MODEL_JSON,
     PRECISIONS,
     FileSpec,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from service_helpers import ROOT, make_client
 
-from service.model_dir import load_model_dir
+from model_dir.schema import load_model_dir
 from service.settings import BUNDLED_MODEL_DIR
 
 FIXTURE = ROOT / "tests" / "fixtures" / "fmnist"

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from model import MaskedAutoencoderViT, load_checkpoint, load_classifier, read_checkpoint, save_checkpoint
-from service import self_check
-from service.model_dir import MODEL_JSON, ModelDirError, check_session_io, load_model_dir, sha256_file
+from model_dir import self_check
+from model_dir.schema import MODEL_JSON, ModelDirError, check_session_io, load_model_dir, sha256_file
 from training import export, variants
 from training.export import export_model_dir
 from training.variants import ExportVerificationError
@@ -195,6 +195,15 @@ def test_loader_refuses_an_invalid_model_json(model_dir_copy, content, problem) 
     else:
         (model_dir_copy / MODEL_JSON).write_text(content)
     with pytest.raises(ModelDirError, match=problem):
+        load_model_dir(model_dir_copy)
+
+
+def test_an_older_model_json_naming_the_interpolation_still_loads(model_dir_copy) -> None:
+    assert "interpolation" not in json.loads((model_dir_copy / MODEL_JSON).read_text())["preprocessing"]
+    _rewrite(model_dir_copy, lambda raw: raw["preprocessing"].update(interpolation="bicubic"))
+    assert load_model_dir(model_dir_copy).spec.preprocessing.resize == 28
+    _rewrite(model_dir_copy, lambda raw: raw["preprocessing"].update(interpolation="bilinear"))
+    with pytest.raises(ModelDirError, match=r"preprocessing\.interpolation: Extra inputs"):
         load_model_dir(model_dir_copy)
 
 

@@ -134,7 +134,7 @@ def test_imagefolder_pretraining_exports_with_its_own_normalization(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from service.model_dir import load_model_dir
+    from model_dir.schema import load_model_dir
     from training.export import export_model_dir
 
     rng = np.random.default_rng(0)
