@@ -64,8 +64,9 @@ def prepare_model(name: str, work: Path) -> tuple[Path, Any, int]:
     import torch
 
     from model import MaskedAutoencoderViT, get_config
-    from training.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
-    from training.export import export_graph, graph_exports, quiet_library_logs
+    from model.stats import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
+    from training.export import quiet_library_logs
+    from training.graphs import export_graph, graph_exports
 
     quiet_library_logs()
     torch.manual_seed(0)

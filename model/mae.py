@@ -274,6 +274,14 @@ class EncoderOnlyMAE(ViTEncoder):
         )
 
 
+def probe_head(dim: int, num_classes: int) -> nn.Sequential:
+    """The linear probe's head, as the official `main_linprobe.py`: BatchNorm1d(affine=False) + Linear."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
 class ViTClassifier(ViTEncoder):
     """Encoder + classification head, as the official fine-tuning (`global_pool`) and linear probe.
 
@@ -281,7 +289,7 @@ class ViTClassifier(ViTEncoder):
     - `head_type="probe"`: pooled features after `norm` -> `head` = BatchNorm1d(affine=False) + Linear.
     """
 
-    def __init__(self, config: MAEConfig, num_classes: int, head_type: str = "finetune",
+    def __init__(self, config: MAEConfig, *, num_classes: int, head_type: str = "finetune",
                  pooling: str = "mean", drop_path_rate: float = 0.0):
         super().__init__(config, drop_path_rate=drop_path_rate)
         self.head_type, self.pooling = head_type, pooling
@@ -293,12 +301,11 @@ class ViTClassifier(ViTEncoder):
             self.fc_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
             self.head = nn.Linear(dim, num_classes)
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
         elif head_type == "probe":
-            self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-            nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+            self.head = probe_head(dim, num_classes)
         else:
             raise ValueError(f"unknown head_type {head_type!r}")
-        nn.init.zeros_(self.head_linear.bias)
 
     @property
     def head_linear(self) -> nn.Linear:

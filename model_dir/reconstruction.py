@@ -1,4 +1,6 @@
-"""From the decoder's `pred` back to pictures: patchify in numpy, undo the target normalization, score, composite.
+"""From the decoder's `pred` back to pictures: patchify in numpy, undo the target normalization, score, composite;
+and the reconstruction panel (original | masked | reconstruction | pasted per row) the server's `/reconstruct`
+returns and the model card shows.
 
 `pred` lives in the space of the training target: normalized pixels, or, for `norm_pix_loss` models,
 per-patch standardized normalized pixels. Turning the latter back into pixels needs each patch's
@@ -86,6 +88,11 @@ def enlarge(rgb: np.ndarray) -> np.ndarray:
     """Nearest-neighbour enlargement of small images to at least PANEL_MIN_SIDE pixels (integer factor)."""
     factor = max(1, -(-PANEL_MIN_SIDE // max(rgb.shape[:2])))
     return rgb.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def panel_row(r: Reconstruction) -> list[np.ndarray]:
+    """One row of the reconstruction panel: the four pictures as uint8 [H, W, C], enlarged when small."""
+    return [enlarge(to_uint8(x)) for x in (r.original, r.masked, r.reconstruction, r.pasted)]
 
 
 def panel(rows: list[list[np.ndarray]]) -> np.ndarray:

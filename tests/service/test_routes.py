@@ -205,14 +205,15 @@ def test_reconstruct_seed_is_random_when_absent_and_returned(client: TestClient)
 
 def test_reconstruct_pixel_target_model_has_no_leak(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """A model trained on plain pixels (norm_pix_loss false) reports no use of the target's statistics."""
-    torch = pytest.importorskip("torch")
-    from model import load_checkpoint, save_checkpoint
+    pytest.importorskip("torch")
+    from dataclasses import replace
+
+    from model import Checkpoint, load_checkpoint
     from training.export import export_model_dir
 
-    ckpt = torch.load(tiny_checkpoint, weights_only=True)
-    ckpt["config"] = {**ckpt["config"], "norm_pix_loss": False}
+    ckpt = Checkpoint.load(tiny_checkpoint)
     path = tmp_path / "pixels.pth"
-    save_checkpoint(path, ckpt)
+    replace(ckpt, config=replace(ckpt.config, norm_pix_loss=False)).save(path)
     assert load_checkpoint(path) is not None
     out = export_model_dir(path, tmp_path / "pixels", precisions=("fp32",), name="pixels", log=lambda _: None)
     with make_client(out) as c:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import load_checkpoint, read_checkpoint
+from model import Checkpoint, load_checkpoint
 from training import pretrain
 from training.data import FASHION_MNIST_DIR
 
@@ -47,7 +47,7 @@ def test_resume_gives_the_loss_of_an_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(Interrupted):
         pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(stopped)])
     monkeypatch.setattr(pretrain, "train_epochs", real_loop)
-    assert read_checkpoint(stopped / "checkpoint-last.pth")["epoch"] == 0
+    assert Checkpoint.load(stopped / "checkpoint-last.pth").epoch == 0
     pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(stopped), "--resume", "auto"])
 
     straight_losses, resumed_losses = step_losses(straight), step_losses(stopped)
@@ -66,9 +66,11 @@ def test_loss_falls_and_checkpoint_and_preview_are_written(tmp_path):
     losses = step_losses(tmp_path)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05
     assert (tmp_path / "preview-003.png").stat().st_size > 0
-    ckpt = read_checkpoint(tmp_path / "checkpoint-final.pth")
-    assert ckpt["kind"] == "mae" and ckpt["data"]["dataset"] == "fashion-mnist" and len(ckpt["data"]["labels"]) == 10
-    assert set(ckpt) >= {"model", "optimizer", "epoch", "scaler", "args", "config"}
+    raw = torch.load(tmp_path / "checkpoint-final.pth", weights_only=True)  # the official layout on disk
+    assert set(raw) >= {"model", "optimizer", "epoch", "scaler", "args", "config"}
+    ckpt = Checkpoint.load(tmp_path / "checkpoint-final.pth")
+    assert ckpt.kind == "mae" and ckpt.data["dataset"] == "fashion-mnist" and len(ckpt.data["labels"]) == 10
+    assert ckpt.args["epochs"] == 3 and ckpt.args["output_dir"] == str(tmp_path)  # numbers stay numbers
 
 
 @needs_fmnist
@@ -147,9 +149,9 @@ def test_imagefolder_pretraining_exports_with_its_own_normalization(tmp_path):
     run = tmp_path / "run"
     pretrain.cli(["--model", "mae_vit_test", "--dataset", "imagefolder", "--data-path", str(tmp_path / "data"),
                   "--batch-size", "8", "--epochs", "1", "--no-preview", "--quiet", "--output-dir", str(run)])
-    ckpt = read_checkpoint(run / "checkpoint-final.pth")
-    assert ckpt["data"]["labels"] == ["boots", "shirts"]
-    assert (ckpt["data"]["mean"], ckpt["data"]["std"]) == ([0.5], [0.5])
+    ckpt = Checkpoint.load(run / "checkpoint-final.pth")
+    assert ckpt.data["labels"] == ["boots", "shirts"]
+    assert (ckpt.data["mean"], ckpt.data["std"]) == ([0.5], [0.5])
     export_model_dir(run / "checkpoint-final.pth", tmp_path / "model", precisions=("fp32",), name="folder")
     prep = load_model_dir(tmp_path / "model").spec.preprocessing
     assert (prep.channels, list(prep.mean), list(prep.std)) == ("L", [0.5], [0.5])
