@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import run_killed_after_first_epoch, step_losses
 
 from training import common, finetune
 from training.data import FASHION_MNIST_DIR
@@ -17,17 +17,9 @@ SMALL = ["--limit", "64", "--batch-size", "16", "--warmup-epochs", "1", "--log-e
          "--amp", "fp16", "--epochs", "2"]
 
 
-class Interrupted(Exception):
-    pass
-
-
 def saved(out: Path) -> dict:
     """checkpoint-last.pth as on disk (the official layout: `model`, `optimizer`, `epoch`, `scaler`, ...)."""
     return torch.load(out / "checkpoint-last.pth", weights_only=True)
-
-
-def step_losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
 
 
 @pytest.fixture()
@@ -46,19 +38,7 @@ def test_resume_restores_the_grad_scaler(tiny_checkpoint: Path, tmp_path: Path, 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     base = ["--checkpoint", str(tiny_checkpoint), *SMALL]
     finetune.cli([*base, "--output-dir", str(straight)])
-
-    real_loop = finetune.train_epochs
-
-    def killed_after_first_epoch(**kw):
-        def on_epoch_end(epoch, loss, inner=kw["on_epoch_end"]):
-            inner(epoch, loss)
-            raise Interrupted
-        return real_loop(**{**kw, "on_epoch_end": on_epoch_end})
-
-    monkeypatch.setattr(finetune, "train_epochs", killed_after_first_epoch)
-    with pytest.raises(Interrupted):
-        finetune.cli([*base, "--output-dir", str(stopped)])
-    monkeypatch.setattr(finetune, "train_epochs", real_loop)
+    run_killed_after_first_epoch(finetune, [*base, "--output-dir", str(stopped)], monkeypatch)
     first = saved(stopped)
     assert first["epoch"] == 0 and first["scaler"]["scale"] == 2.0 * 2**4  # 64 images / batch 16: 4 steps, each x2
     finetune.cli([*base, "--output-dir", str(stopped), "--resume", "auto"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import run_killed_after_first_epoch, step_losses
 
 from model import Checkpoint, load_checkpoint
 from training import pretrain
@@ -21,32 +21,13 @@ SMALL = ["--model", "mae_vit_test", "--limit", "64", "--batch-size", "16", "--wa
          "--log-every", "1", "--no-preview", "--quiet", "--seed", "3"]
 
 
-def step_losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
-
-
-class Interrupted(Exception):
-    pass
-
-
 @needs_fmnist
 def test_resume_gives_the_loss_of_an_uninterrupted_run(tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(straight)])
 
     # The same run, killed right after epoch 1's checkpoint, then resumed with --resume auto.
-    real_loop = pretrain.train_epochs
-
-    def killed_after_first_epoch(**kw):
-        def on_epoch_end(epoch, loss, inner=kw["on_epoch_end"]):
-            inner(epoch, loss)
-            raise Interrupted
-        return real_loop(**{**kw, "on_epoch_end": on_epoch_end})
-
-    monkeypatch.setattr(pretrain, "train_epochs", killed_after_first_epoch)
-    with pytest.raises(Interrupted):
-        pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(stopped)])
-    monkeypatch.setattr(pretrain, "train_epochs", real_loop)
+    run_killed_after_first_epoch(pretrain, [*SMALL, "--epochs", "2", "--output-dir", str(stopped)], monkeypatch)
     assert Checkpoint.load(stopped / "checkpoint-last.pth").epoch == 0
     pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(stopped), "--resume", "auto"])
 
