@@ -23,7 +23,7 @@ from tqdm import tqdm
 from model import Checkpoint, ClassifierRecord, probe_head
 from training.cli import run_cli
 from training.common import read_pretrained, run_args
-from training.data import build_dataset
+from training.data import SeededDataset, build_dataset
 from training.optim import lr_at, set_lr
 
 POOLINGS = ("cls", "mean", "cls+mean")
@@ -174,7 +174,8 @@ def main(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - t0:.0f} s; wrote {output}")
 
 
-def features(encoder: nn.Module, train, test, args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def features(encoder: nn.Module, train: SeededDataset, test: SeededDataset, args: argparse.Namespace
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x_train, y_train, x_test, y_test): from `--feature-cache` when it exists, else extracted (and cached)."""
     if args.feature_cache and args.feature_cache.is_file():
         return tuple(torch.load(args.feature_cache, weights_only=True))
