@@ -11,12 +11,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from model_dir.schema import (
-    FileSpec,
-    TensorSpec,
-    check_session_io,
-    make_file_spec,
-)
+from model_dir.schema import FileSpec, TensorSpec, check_session_io, make_file_spec
 from training.quantize import DEFAULT_RECIPE, quantize_int8
 
 # Protobuf cannot hold a model over 2 GiB; above this many bytes of weights they go to a file beside the graph.
