@@ -46,7 +46,10 @@ def test_loss_falls_and_checkpoint_and_preview_are_written(tmp_path):
                   "--output-dir", str(tmp_path)])
     losses = step_losses(tmp_path)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05
-    assert (tmp_path / "preview-003.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "preview-003.png") as preview:  # the server's panel: 8 rows of 4 pictures, 140 px
+        assert preview.size == (60 + 4 * 140 + 3 * 4, 8 * 140 + 7 * 4)  # (+ 60 px for the ratio's label)
     raw = torch.load(tmp_path / "checkpoint-final.pth", weights_only=True)  # the official layout on disk
     assert set(raw) >= {"model", "optimizer", "epoch", "scaler", "args", "config"}
     ckpt = Checkpoint.load(tmp_path / "checkpoint-final.pth")
