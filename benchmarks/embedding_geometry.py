@@ -27,8 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a source tree
 
-from model import read_checkpoint  # noqa: E402
-from model.checkpoint import build_autoencoder, checkpoint_config  # noqa: E402
+from model import Checkpoint  # noqa: E402
 from training.data import build_dataset  # noqa: E402
 
 POOLINGS = ("cls", "mean", "cls+mean")
@@ -84,8 +83,8 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=200)
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/embedding_geometry.json")
     args = p.parse_args()
-    ckpt = read_checkpoint(args.checkpoint)
-    encoder, config = build_autoencoder(ckpt, str(args.checkpoint)).eval(), checkpoint_config(ckpt)
+    ckpt = Checkpoint.load(args.checkpoint)
+    encoder, config = ckpt.autoencoder(str(args.checkpoint)).eval(), ckpt.config
     data = {split: build_dataset("fashion-mnist", split, config.img_size, config.in_chans, train=False)
             for split in ("train", "test")}
     feats = {split: depth_features(encoder, ds) for split, ds in data.items()}

@@ -21,9 +21,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from model import MaskedAutoencoderViT, get_config, save_checkpoint
-from service.model_dir import load_model_dir
-from service.self_check import cosine_per_image
+from model import Checkpoint, MaskedAutoencoderViT, get_config
+from model_dir.schema import load_model_dir
+from model_dir.self_check import cosine_per_image
 from training.export import export_model_dir, quiet_library_logs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export_vitb.json"
@@ -69,7 +69,7 @@ def main() -> None:
     L = config.num_patches
     with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
         ckpt = Path(tmp) / "checkpoint.pth"
-        save_checkpoint(ckpt, {"model": mae.state_dict(), "config": config.to_dict(), "kind": "mae"})
+        Checkpoint(model=mae.state_dict(), config=config, kind="mae").save(ckpt)
         log: list[str] = []
         t0 = time.perf_counter()
         out = export_model_dir(ckpt, Path(tmp) / "model", precisions=args.precisions.split(","), name=args.model,

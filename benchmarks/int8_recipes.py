@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.self_check import cosine_per_image, cpu_features
+from model_dir.self_check import cosine_per_image, cpu_features
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "fmnist"
@@ -55,7 +55,7 @@ def prepare_model(name: str, work: Path) -> tuple[Path, Any, int]:
 
     `default` is the bundled model; the others are random-init MAEs (seed 0, as the test fixture).
     """
-    from service.model_dir import Preprocessing, load_model_dir
+    from model_dir.schema import Preprocessing, load_model_dir
 
     if name == "default":
         model_dir = load_model_dir(ROOT / "service" / "default_model")
@@ -64,8 +64,9 @@ def prepare_model(name: str, work: Path) -> tuple[Path, Any, int]:
     import torch
 
     from model import MaskedAutoencoderViT, get_config
-    from training.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
-    from training.export import export_graph, graph_exports, quiet_library_logs
+    from model.stats import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
+    from training.export import quiet_library_logs
+    from training.graphs import export_graph, graph_exports
 
     quiet_library_logs()
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model import load_checkpoint, read_checkpoint
+from model import Checkpoint, load_checkpoint
 from training import pretrain, probe
 from training.data import build_dataset
 from training.figures import line_plot
@@ -54,7 +54,7 @@ def main() -> None:
         model = load_checkpoint(run / "checkpoint-final.pth")
         rows.append({
             "mask_ratio": ratio,
-            "probe_top1": read_checkpoint(run / "probe.pth")["classifier"]["metrics"]["probe_top1"],
+            "probe_top1": Checkpoint.load(run / "probe.pth").classifier.metrics["probe_top1"],
             "mse_own_ratio": masked_mse(model, imgs, ratio),
             "mse_at_0.75": masked_mse(model, imgs, 0.75),
             "train_seconds": round(train_s),

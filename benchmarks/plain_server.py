@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from fastapi import FastAPI, File, UploadFile
 
+from model_dir.schema import load_model_dir
 from service.imaging import load_model_image
-from service.model_dir import load_model_dir
 
 model_dir = load_model_dir(Path(os.environ["MAE_MODEL_DIR"]))
 spec = model_dir.spec

@@ -76,7 +76,7 @@ def random_model_dir(config_name: str, precisions: tuple[str, ...]) -> Path:
     sys.path.insert(0, str(ROOT))  # run as a script from a source tree that pip has not installed
     import torch
 
-    from model import MaskedAutoencoderViT, get_config, save_checkpoint
+    from model import Checkpoint, MaskedAutoencoderViT, get_config
     from training.export import export_model_dir
 
     log(f"exporting a random {config_name} ({', '.join(precisions)}) to {out} (once; cached)")
@@ -84,8 +84,8 @@ def random_model_dir(config_name: str, precisions: tuple[str, ...]) -> Path:
     config = get_config(config_name)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "random.pth"
-        save_checkpoint(checkpoint, {"model": MaskedAutoencoderViT(config).state_dict(), "config": config.to_dict(),
-                                     "kind": "mae", "epoch": 0, "args": {"model": config_name}})
+        Checkpoint(model=MaskedAutoencoderViT(config).state_dict(), config=config, kind="mae", epoch=0,
+                   args={"model": config_name}).save(checkpoint)
         export_model_dir(checkpoint, out, precisions=precisions, name=f"{config_name}-random", log=log)
     return out
 

@@ -29,24 +29,21 @@ anything unrecognised fails with the lists of missing and unexpected keys.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from model.checkpoint import CheckpointError, save_checkpoint
+from model.checkpoint import Checkpoint, CheckpointError, ClassifierRecord
 from model.configs import CONFIGS, MAEConfig
-from model.mae import EncoderOnlyMAE, MaskedAutoencoderViT, ViTClassifier
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from model.import_sources import hf_to_official, is_hf_layout, read_source
+from model.mae import EncoderOnlyMAE, MaskedAutoencoderViT, ViTClassifier, probe_head
+from model.stats import IMAGENET_MEAN, IMAGENET_STD
 
 _DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                      "decoder_pred.")
@@ -62,42 +59,6 @@ _OFFICIAL_KEY = re.compile(
     r"|head\.0\.(running_mean|running_var|num_batches_tracked)|head\.1\.(weight|bias))"
 )
 
-# Hugging Face ViTMAE -> official names.
-_HF_TOP = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-    "decoder.mask_token": "mask_token",
-    "decoder.decoder_pos_embed": "decoder_pos_embed",
-    **{f"decoder.decoder_{m}.{p}": f"decoder_{m}.{p}" for m in ("embed", "norm", "pred") for p in ("weight", "bias")},
-}
-_HF_ENCODER_LAYER = re.compile(r"(?:encoder\.layers?|layers)\.(\d+)\.(.+)\.(weight|bias)")
-_HF_DECODER_LAYER = re.compile(r"decoder\.(?:decoder_layers|decoder_encoder\.layers?)\.(\d+)\.(.+)\.(weight|bias)")
-_HF_LAYER_MODULES = {  # 4.x hub names and transformers-5 names
-    "attention.attention.query": "attn.q", "attention.q_proj": "attn.q",
-    "attention.attention.key": "attn.k", "attention.k_proj": "attn.k",
-    "attention.attention.value": "attn.v", "attention.v_proj": "attn.v",
-    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
-    "intermediate.dense": "mlp.fc1", "mlp.fc1": "mlp.fc1",
-    "output.dense": "mlp.fc2", "mlp.fc2": "mlp.fc2",
-    "layernorm_before": "norm1", "layernorm_after": "norm2",
-}
-_HF_TOP_LEVEL = {"vit", "embeddings", "encoder", "layers", "layernorm", "decoder"}
-_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-@dataclass
-class Source:
-    """What was read from SRC: the tensors, the Hugging Face configs (if any) and a format label."""
-
-    state_dict: dict[str, Tensor]
-    fmt: str
-    hf_config: dict[str, Any] | None = None
-    preprocessor: dict[str, Any] | None = None
-
 
 def _key_report(missing: Sequence[str], unexpected: Sequence[str], limit: int = 40) -> str:
     def fmt(keys: Sequence[str]) -> str:
@@ -106,140 +67,6 @@ def _key_report(missing: Sequence[str], unexpected: Sequence[str], limit: int = 
         return "[" + ", ".join(keys[:limit]) + "]" + more
 
     return f"missing keys {fmt(missing)}; unexpected keys {fmt(unexpected)}"
-
-
-# --- reading -------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-
-
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors all mean "cannot use this file"
-        raise CheckpointError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) ({e.__class__.__name__}: {e}); "
-            "re-save its state dict alone (torch.save(ckpt['model'], ...)) if it holds other Python objects"
-        ) from e
-
-
-def _hf_config_for(directory: Path) -> dict[str, Any] | None:
-    """The ViTMAEConfig beside the weights; a config.json without `model_type` (timm's) is ignored."""
-    config = _read_json(directory / "config.json")
-    if config is None or "model_type" not in config:
-        return None
-    if config["model_type"] != "vit_mae":
-        raise CheckpointError(f"{directory / 'config.json'}: model_type {config['model_type']!r}, not 'vit_mae'")
-    return config
-
-
-def _read_hf_dir(directory: Path) -> dict[str, Tensor]:
-    index = directory / "model.safetensors.index.json"
-    if (directory / "model.safetensors").is_file():
-        return _load_safetensors(directory / "model.safetensors")
-    if index.is_file():
-        weight_map = (_read_json(index) or {}).get("weight_map", {})
-        sd: dict[str, Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            sd.update(_load_safetensors(directory / shard))
-        return sd
-    if (directory / "pytorch_model.bin").is_file():
-        return _as_state_dict(_torch_load(directory / "pytorch_model.bin"), directory / "pytorch_model.bin")
-    raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(_HF_WEIGHT_FILES)})")
-
-
-def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    if "config" in obj and "kind" in obj:
-        raise CheckpointError(f"{path}: already a checkpoint of this project; nothing to import")
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, Tensor))
-    if not_tensors or not obj:
-        raise CheckpointError(
-            f"{path}: not a state dict (entries that are not tensors: {not_tensors[:20]}); "
-            "expected an official/timm .pth, a Hugging Face ViTMAE directory or a .safetensors file"
-        )
-    if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def read_source(src: str | Path) -> Source:
-    """Read SRC (a file or a Hugging Face directory) into tensors plus the configs found beside them."""
-    path = Path(src)
-    if path.is_dir() or path.suffix == ".safetensors":
-        directory = path if path.is_dir() else path.parent
-        if path.is_dir():
-            sd = _read_hf_dir(path)
-        elif path.is_file():
-            sd = _load_safetensors(path)
-        else:
-            raise CheckpointError(f"{path}: no such file")
-        return Source(sd, "huggingface" if is_hf_layout(sd) else "timm", _hf_config_for(directory),
-                      _read_json(directory / "preprocessor_config.json"))
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or directory")
-    obj = _torch_load(path)
-    wrapped = isinstance(obj, dict) and isinstance(obj.get("model"), dict)
-    sd = _as_state_dict(obj, path)
-    return Source(sd, "huggingface" if is_hf_layout(sd) else "official" if wrapped else "timm")
-
-
-# --- renaming ------------------------------------------------------------------------------------
-
-
-def is_hf_layout(sd: dict[str, Tensor]) -> bool:
-    return any(k.split(".", 1)[0] in _HF_TOP_LEVEL for k in sd)
-
-
-def hf_to_official(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename Hugging Face ViTMAE keys to the official layout and fuse q/k/v; unknown keys pass unchanged."""
-    out: dict[str, Tensor] = {}
-    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}  # fused name -> {q|k|v: (source name, tensor)}
-    for name, tensor in sd.items():
-        key = name[len("vit."):] if name.startswith("vit.") else name
-        if key in _HF_TOP:
-            out[_HF_TOP[key]] = tensor
-            continue
-        m, prefix = _HF_ENCODER_LAYER.fullmatch(key), "blocks"
-        if m is None:
-            m, prefix = _HF_DECODER_LAYER.fullmatch(key), "decoder_blocks"
-        module = _HF_LAYER_MODULES.get(m.group(2)) if m else None
-        if m is None or module is None:
-            out[name] = tensor  # reported as unexpected by the strict load
-            continue
-        index, param = m.group(1), m.group(3)
-        if module in ("attn.q", "attn.k", "attn.v"):
-            parts.setdefault(f"{prefix}.{index}.attn.qkv.{param}", {})[module[-1]] = (name, tensor)
-        else:
-            out[f"{prefix}.{index}.{module}.{param}"] = tensor
-    for fused, qkv in parts.items():
-        if set(qkv) == {"q", "k", "v"}:
-            out[fused] = torch.cat([qkv["q"][1], qkv["k"][1], qkv["v"][1]], dim=0)
-        else:  # incomplete: keep the originals so that the report names them
-            out.update(dict(qkv.values()))
-    return out
 
 
 # --- architecture --------------------------------------------------------------------------------
@@ -411,22 +238,21 @@ def _strict_load(model: nn.Module, sd: dict[str, Tensor], what: str) -> None:
         raise CheckpointError(f"{what} does not match the architecture: {_key_report(missing, unexpected)}")
 
 
-def verify_checkpoint(ckpt: dict[str, Any]) -> None:
+def verify_checkpoint(ckpt: Checkpoint) -> None:
     """Load the checkpoint's tensors strictly into its model (built on the meta device: no init cost)."""
-    config = MAEConfig.from_dict(ckpt["config"])
-    sd, kind, info = ckpt["model"], ckpt["kind"], ckpt.get("classifier")
+    config, kind, info = ckpt.config, ckpt.kind, ckpt.classifier
     with torch.device("meta"):
         if kind == "finetune":
-            model: nn.Module = ViTClassifier(config, info["num_classes"], head_type="finetune", pooling="mean")
-        elif kind == "mae" or "decoder_pred.weight" in sd:
+            model: nn.Module = ViTClassifier(config, num_classes=info.num_classes, head_type="finetune",
+                                             pooling="mean")
+        elif kind == "mae" or ckpt.has_decoder():
             model = MaskedAutoencoderViT(config)
         else:
             model = EncoderOnlyMAE(config)
-        head = (nn.Sequential(nn.BatchNorm1d(config.embed_dim, affine=False, eps=1e-6),
-                              nn.Linear(config.embed_dim, info["num_classes"])) if kind == "probe" else None)
-    _strict_load(model, sd, f"{kind} checkpoint")
+        head = probe_head(config.embed_dim, info.num_classes) if kind == "probe" else None
+    _strict_load(model, ckpt.model, f"{kind} checkpoint")
     if head is not None:
-        _strict_load(head, info["state_dict"], "probe head")
+        _strict_load(head, info.state_dict, "probe head")
 
 
 # --- the API and the CLI -------------------------------------------------------------------------
@@ -434,7 +260,7 @@ def verify_checkpoint(ckpt: dict[str, Any]) -> None:
 
 def import_checkpoint(src: str | Path, *, config_name: str | None = None, norm_pix_loss: bool | None = None,
                       layer_norm_eps: float | None = None, num_heads: int | None = None,
-                      decoder_num_heads: int | None = None) -> dict[str, Any]:
+                      decoder_num_heads: int | None = None) -> Checkpoint:
     """Read SRC, convert it and return a verified checkpoint dict of this project (nothing written)."""
     source = read_source(src)
     hf_names = is_hf_layout(source.state_dict)
@@ -449,23 +275,19 @@ def import_checkpoint(src: str | Path, *, config_name: str | None = None, norm_p
     classifier = None
     if kind == "probe":
         sd, head = split_probe_head(sd)
-        classifier = {"head_type": "probe", "pooling": "cls", "num_classes": int(head["1.weight"].shape[0]),
-                      "labels": None, "metrics": {}, "state_dict": head}
+        classifier = ClassifierRecord(head_type="probe", pooling="cls", num_classes=int(head["1.weight"].shape[0]),
+                                      state_dict=head)
     elif kind == "finetune":
-        classifier = {"head_type": "finetune", "pooling": "mean", "num_classes": int(sd["head.weight"].shape[0]),
-                      "labels": None, "metrics": {}}
+        classifier = ClassifierRecord(head_type="finetune", pooling="mean", num_classes=int(sd["head.weight"].shape[0]))
     pre = source.preprocessor or {}
     imagenet = config.in_chans == 3
-    ckpt: dict[str, Any] = {
-        "model": sd, "optimizer": None, "epoch": None, "scaler": None,
-        "args": {"source": str(src), "format": source.fmt, "config_name": config_name},
-        "config": config.to_dict(), "kind": kind,
-        "data": {"dataset": None, "labels": None,
-                 "mean": pre.get("image_mean", IMAGENET_MEAN if imagenet else None),
-                 "std": pre.get("image_std", IMAGENET_STD if imagenet else None)},
-        "metrics": {},
-        "classifier": classifier,
-    }
+    ckpt = Checkpoint(
+        model=sd, config=config, kind=kind, classifier=classifier,
+        args={"source": str(src), "format": source.fmt, "config_name": config_name},
+        data={"dataset": None, "labels": None,
+              "mean": pre.get("image_mean", list(IMAGENET_MEAN) if imagenet else None),
+              "std": pre.get("image_std", list(IMAGENET_STD) if imagenet else None)},
+    )
     verify_checkpoint(ckpt)
     return ckpt
 
@@ -487,11 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace) -> Checkpoint:
     ckpt = import_checkpoint(args.src, config_name=args.config_name, norm_pix_loss=args.norm_pix_loss,
                              layer_norm_eps=args.layer_norm_eps, num_heads=args.num_heads,
                              decoder_num_heads=args.decoder_num_heads)
-    save_checkpoint(args.out, ckpt)
+    ckpt.save(args.out)
     return ckpt
 
 
@@ -504,8 +326,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
     except (CheckpointError, OSError) as e:
         print(f"mae-import: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
-    c = MAEConfig.from_dict(ckpt["config"])
-    print(f"mae-import: {ckpt['args']['format']} -> kind {ckpt['kind']}, ViT {c.embed_dim}d x{c.depth} "
+    c = ckpt.config
+    print(f"mae-import: {ckpt.args['format']} -> kind {ckpt.kind}, ViT {c.embed_dim}d x{c.depth} "
           f"({c.num_heads} heads), patch {c.patch_size}, {c.img_size}px, norm_pix_loss={c.norm_pix_loss}, "
           f"layer_norm_eps={c.layer_norm_eps:g}; wrote {args.out}")
 

@@ -37,7 +37,7 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 class PatchEmbed(nn.Module):
     """Image to patch tokens with a strided convolution (timm layout: `proj`)."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
@@ -46,7 +46,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, *, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
@@ -60,7 +60,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, *, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
@@ -87,12 +87,12 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with the timm key names (norm1, attn, norm2, mlp)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, drop_path: float = 0.0):
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float, eps: float, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, hidden=int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -117,15 +117,18 @@ class ViTEncoder(nn.Module):
     `blocks.N.*`, `norm.*`), as in the official models, so subclasses keep that layout.
     """
 
-    def __init__(self, config: MAEConfig, drop_path_rate: float = 0.0):
+    def __init__(self, config: MAEConfig, *, drop_path_rate: float = 0.0):
         super().__init__()
         self.config = config
         c = config
-        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
+        self.patch_embed = PatchEmbed(patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.embed_dim), requires_grad=False)
         rates = torch.linspace(0, drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device
-        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.layer_norm_eps, r) for r in rates)
+        self.blocks = nn.ModuleList(
+            Block(c.embed_dim, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, eps=c.layer_norm_eps, drop_path=r)
+            for r in rates
+        )
         self.norm = nn.LayerNorm(c.embed_dim, eps=c.layer_norm_eps)
 
     def _init_encoder(self) -> None:
@@ -210,7 +213,7 @@ class MaskedAutoencoderViT(ViTEncoder):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.decoder_embed_dim),
                                               requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, c.layer_norm_eps)
+            Block(c.decoder_embed_dim, num_heads=c.decoder_num_heads, mlp_ratio=c.mlp_ratio, eps=c.layer_norm_eps)
             for _ in range(c.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=c.layer_norm_eps)
@@ -274,6 +277,14 @@ class EncoderOnlyMAE(ViTEncoder):
         )
 
 
+def probe_head(dim: int, num_classes: int) -> nn.Sequential:
+    """The linear probe's head, as the official `main_linprobe.py`: BatchNorm1d(affine=False) + Linear."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
 class ViTClassifier(ViTEncoder):
     """Encoder + classification head, as the official fine-tuning (`global_pool`) and linear probe.
 
@@ -281,7 +292,7 @@ class ViTClassifier(ViTEncoder):
     - `head_type="probe"`: pooled features after `norm` -> `head` = BatchNorm1d(affine=False) + Linear.
     """
 
-    def __init__(self, config: MAEConfig, num_classes: int, head_type: str = "finetune",
+    def __init__(self, config: MAEConfig, *, num_classes: int, head_type: str = "finetune",
                  pooling: str = "mean", drop_path_rate: float = 0.0):
         super().__init__(config, drop_path_rate=drop_path_rate)
         self.head_type, self.pooling = head_type, pooling
@@ -293,12 +304,11 @@ class ViTClassifier(ViTEncoder):
             self.fc_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
             self.head = nn.Linear(dim, num_classes)
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
         elif head_type == "probe":
-            self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-            nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+            self.head = probe_head(dim, num_classes)
         else:
             raise ValueError(f"unknown head_type {head_type!r}")
-        nn.init.zeros_(self.head_linear.bias)
 
     @property
     def head_linear(self) -> nn.Linear:

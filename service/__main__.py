@@ -16,9 +16,9 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from model_dir.schema import ModelDirError, load_model_dir
 from service import __version__
 from service.metrics import MULTIPROC_DIR_ENV
-from service.model_dir import ModelDirError, load_model_dir
 from service.runtime import RuntimeConfigError
 from service.settings import Settings
 

@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model_dir.schema import ModelDirError, load_model_dir
 from service import __version__
 from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull
 from service.errors import (
@@ -49,7 +50,6 @@ from service.inputs import describe_validation_errors, parse_options, read_reque
 from service.masking import MAX_SEED, len_keep, random_masking
 from service.metrics import Metrics
 from service.middleware import RequestContext
-from service.model_dir import ModelDirError, load_model_dir
 from service.pipelines import MaskedImage, Pipelines
 from service.responses import JSONResponse
 from service.runtime import Runtime

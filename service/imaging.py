@@ -12,13 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.model_dir import Preprocessing
+from model_dir.schema import Preprocessing
 
 # PIL format names accepted from clients (MPO: multi-picture JPEG as written by many cameras).
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-PANEL_GAP = 4  # pixels of white between the panels of a reconstruction
-PANEL_MIN_SIDE = 128  # small model inputs (28x28) are enlarged, nearest neighbour, to at least this
 
 
 class ImageRejected(ValueError):
@@ -140,33 +138,9 @@ def to_model_image(header: Image.Image, prep: Preprocessing) -> ModelImage:
     return ModelImage(rgb=rgb, pixels=normalize(rgb, prep))
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """float [C, H, W] in [0, 1] -> uint8 [H, W, C]."""
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-
-
 def encode_png(rgb: np.ndarray) -> bytes:
     """uint8 [H, W, 1|3] -> PNG bytes (deterministic for the same array)."""
     im = Image.fromarray(rgb[:, :, 0] if rgb.shape[2] == 1 else rgb, "L" if rgb.shape[2] == 1 else "RGB")
     out = io.BytesIO()
     im.save(out, format="PNG", compress_level=6)
     return out.getvalue()
-
-
-def enlarge(rgb: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour enlargement of small images to at least PANEL_MIN_SIDE pixels (integer factor)."""
-    factor = max(1, -(-PANEL_MIN_SIDE // max(rgb.shape[:2])))
-    return rgb.repeat(factor, axis=0).repeat(factor, axis=1)
-
-
-def panel(rows: list[list[np.ndarray]]) -> np.ndarray:
-    """Rows of equally sized uint8 [H, W, C] images -> one grid image, white gaps between cells."""
-    height, width, channels = rows[0][0].shape
-    cols = max(len(r) for r in rows)
-    out = np.full((len(rows) * (height + PANEL_GAP) - PANEL_GAP, cols * (width + PANEL_GAP) - PANEL_GAP, channels),
-                  255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, cell in enumerate(row):
-            top, left = i * (height + PANEL_GAP), j * (width + PANEL_GAP)
-            out[top:top + height, left:left + width] = cell
-    return out

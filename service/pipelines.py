@@ -13,19 +13,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.imaging import (
-    ModelImage,
-    encode_png,
-    enlarge,
-    load_model_image,
-    panel,
-    read_header,
-    to_model_image,
-    to_uint8,
-)
+from model_dir.reconstruction import Reconstruction, enlarge, panel, reconstruct, to_uint8
+from model_dir.schema import ModelDir
+from service.imaging import ModelImage, encode_png, load_model_image, read_header, to_model_image
 from service.masking import Masking
-from service.model_dir import ModelDir
-from service.reconstruction import Reconstruction, reconstruct
 from service.runtime import Runtime
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service import self_check
+from model_dir import self_check
+from model_dir.schema import ModelDir, check_session_io
 from service.masking import len_keep
-from service.model_dir import ModelDir, check_session_io
 
 log = logging.getLogger("service.runtime")
 

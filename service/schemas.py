@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_dir.schema import Pooling
 from service.masking import MAX_SEED
-from service.model_dir import Pooling
 
 
 class _Options(BaseModel):

@@ -14,29 +14,27 @@ import pytest
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A probe checkpoint: random `mae_vit_test` MAE (norm_pix_loss) + random 10-class head on mean pooling."""
     import torch
-    from torch import nn
 
-    from model import MaskedAutoencoderViT, get_config, save_checkpoint
-    from training.data import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from model import Checkpoint, ClassifierRecord, MaskedAutoencoderViT, get_config, probe_head
+    from model.stats import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from training.data import FASHION_MNIST_LABELS
 
     torch.manual_seed(0)
     config = get_config("mae_vit_test", norm_pix_loss=True)
     mae = MaskedAutoencoderViT(config)
-    head = nn.Sequential(nn.BatchNorm1d(config.embed_dim, affine=False, eps=1e-6),
-                         nn.Linear(config.embed_dim, len(FASHION_MNIST_LABELS)))
+    head = probe_head(config.embed_dim, len(FASHION_MNIST_LABELS))
     head[0].running_mean.normal_(0.0, 0.1)  # non-trivial statistics, so the graph must carry them
     head[0].running_var.uniform_(0.5, 2.0)
     path = tmp_path_factory.mktemp("tiny") / "checkpoint-probe.pth"
-    save_checkpoint(path, {
-        "model": mae.state_dict(), "config": config.to_dict(), "kind": "probe", "epoch": 1,
-        "optimizer": None, "scaler": None, "args": {"model": "mae_vit_test"},
-        "data": {"dataset": "fashion-mnist", "mean": list(FASHION_MNIST_MEAN), "std": list(FASHION_MNIST_STD),
-                 "labels": list(FASHION_MNIST_LABELS)},
-        "metrics": {"train_loss": 0.9, "epochs": 2, "probe_top1": 11.5},
-        "classifier": {"head_type": "probe", "pooling": "mean", "num_classes": len(FASHION_MNIST_LABELS),
-                       "labels": list(FASHION_MNIST_LABELS), "metrics": {"probe_top1": 11.5},
-                       "state_dict": head.state_dict()},
-    })
+    Checkpoint(
+        model=mae.state_dict(), config=config, kind="probe", epoch=1, args={"model": "mae_vit_test"},
+        data={"dataset": "fashion-mnist", "mean": list(FASHION_MNIST_MEAN), "std": list(FASHION_MNIST_STD),
+              "labels": list(FASHION_MNIST_LABELS)},
+        metrics={"train_loss": 0.9, "epochs": 2, "probe_top1": 11.5},
+        classifier=ClassifierRecord(head_type="probe", pooling="mean", num_classes=len(FASHION_MNIST_LABELS),
+                                    labels=list(FASHION_MNIST_LABELS), metrics={"probe_top1": 11.5},
+                                    state_dict=head.state_dict()),
+    ).save(path)
     return path
 
 

@@ -393,7 +393,7 @@ def test_dockerignore():
                  "model.egg-info/PKG-INFO", "models/my/model.json"]:
         assert dockerignored(path, patterns), f"{path} would be sent to the Docker daemon"
     for path in ["pyproject.toml", "README.md", "service/__init__.py", "service/default_model/model.json",
-                 "model/mae.py", "training/export.py", "docker/entrypoint.sh"]:
+                 "model/mae.py", "model_dir/schema.py", "training/export.py", "docker/entrypoint.sh"]:
         assert not dockerignored(path, patterns), f"{path} is needed by the image build but ignored"
 
 
@@ -551,7 +551,7 @@ def test_clean_venv_cpu_install_has_no_torch(tmp_path):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for package in ("model", "training", "service"):
+    for package in ("model", "model_dir", "training", "service"):
         shutil.copytree(ROOT / package, src / package, ignore=ignore)
 
     env_dir = tmp_path / "venv"
@@ -572,7 +572,8 @@ def test_clean_venv_cpu_install_has_no_torch(tmp_path):
     assert "mae-service" in installed
 
     # The server imports without torch, and without importing the training side at all.
-    out = run("-c", "import json, sys, service; "
+    out = run("-c", "import json, sys, service.__main__, model_dir.schema, model_dir.self_check, "
+                    "model_dir.reconstruction; "
                     "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))", timeout=120)
     loaded = set(json.loads(out.strip().splitlines()[-1]))
     assert not loaded & {"torch", "model", "training"}, loaded & {"torch", "model", "training"}

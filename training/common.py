@@ -1,4 +1,5 @@
-"""Pieces every training CLI shares: loaders, autocast, seeded mask noise, the JSONL metrics log, the run loop."""
+"""Pieces every training CLI shares: the source checkpoint, setup / resume / save of a run, loaders, autocast,
+seeded mask noise, the JSONL metrics log and the epoch loop."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from model import read_checkpoint, save_checkpoint
+from model import Checkpoint, ClassifierRecord, MAEConfig
+from model.checkpoint import Kind
 from training.data import SeededDataset
 from training.dist import DistInfo, cleanup, init_distributed, mean_across_ranks
 from training.optim import lr_at, set_lr
@@ -72,8 +77,13 @@ def set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
         loader.sampler.generator.manual_seed(seed * 100_003 + epoch)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one training step's random draws (mask noise, drop path): resumed runs draw the same."""
+    return (seed * 1_000_003 + rank) * 10_000_019 + step
+
+
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+    return torch.Generator().manual_seed(step_seed(seed, rank, step))
 
 
 def autocast(amp: str, device: torch.device):
@@ -88,7 +98,7 @@ def autocast(amp: str, device: torch.device):
 class MetricsLog:
     """Append-only JSONL log, written by rank 0 only."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, *, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,14 +109,87 @@ class MetricsLog:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
-def resume_state(resume: str | None, output_dir: Path) -> dict[str, Any] | None:
+def read_pretrained(path: str | Path, dataset: str | None) -> tuple[Checkpoint, str]:
+    """The pretrained (mae / encoder / probe) checkpoint a probe or fine-tune starts from, and its data set:
+    `dataset` when given, else the one the checkpoint was trained on."""
+    ckpt = Checkpoint.load(path)
+    if ckpt.kind == "finetune":
+        raise ValueError(f"{path}: already a fine-tuned classifier; start from a pretrained (mae/encoder) checkpoint")
+    name = dataset or ckpt.data.get("dataset")
+    if not name:
+        raise ValueError("the checkpoint does not name its data set; pass --dataset")
+    return ckpt, name
+
+
+def run_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI arguments as a checkpoint stores them: JSON values (numbers stay numbers, paths become strings)."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def scale_lr(args: argparse.Namespace, info: DistInfo) -> int:
+    """Set `args.lr` from `--blr` (lr = blr * effective batch / 256) unless `--lr` gave it; the effective batch."""
+    effective_batch = args.batch_size * args.accum_iter * info.world_size
+    args.lr = args.lr if args.lr is not None else args.blr * effective_batch / 256
+    return effective_batch
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingRun:
+    """A model ready for `train_epochs`: its optimizer, GradScaler (`--amp fp16`), wrapper and first epoch."""
+
+    model: nn.Module
+    net: nn.Module  # `model`, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    start_epoch: int
+
+    def checkpoint(self, *, epoch: int, args: argparse.Namespace, config: MAEConfig, kind: Kind,
+                   data: dict[str, Any], metrics: dict[str, Any],
+                   classifier: ClassifierRecord | None = None) -> Checkpoint:
+        """Everything needed to resume after `epoch`, and to use the model."""
+        return Checkpoint(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), epoch=epoch,
+                          scaler=None if self.scaler is None else self.scaler.state_dict(), args=run_args(args),
+                          config=config, kind=kind, data=data, metrics=metrics, classifier=classifier)
+
+
+def start_run(model: nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+              info: DistInfo) -> TrainingRun:
+    """The GradScaler for fp16, the state of `--resume` (model, optimizer, scaler, epoch), the DDP wrapper."""
+    scaler = torch.amp.GradScaler(info.device.type) if args.amp == "fp16" else None
+    start_epoch = 0
+    state = resume_state(args.resume, args.output_dir)
+    if state is not None:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        start_epoch = state.epoch + 1
+        if info.is_main:
+            print(f"resumed from epoch {start_epoch} of {args.epochs}", flush=True)
+    net = DistributedDataParallel(model) if info.enabled else model
+    return TrainingRun(model=model, net=net, optimizer=optimizer, scaler=scaler, start_epoch=start_epoch)
+
+
+def resume_state(resume: str | None, output_dir: Path) -> Checkpoint | None:
     """`--resume auto` takes output_dir/checkpoint-last.pth when present; a path must exist."""
     if not resume:
         return None
     if resume == "auto":
         last = output_dir / "checkpoint-last.pth"
-        return read_checkpoint(last) if last.is_file() else None
-    return read_checkpoint(resume)
+        return Checkpoint.load(last) if last.is_file() else None
+    return Checkpoint.load(resume)
+
+
+def save_epoch(ckpt: Checkpoint, args: argparse.Namespace, info: DistInfo, *, final_copy: bool = False) -> None:
+    """`checkpoint-last.pth` every `--save-every` epochs and after the last one (rank 0); with `final_copy`,
+    `checkpoint-final.pth` too after the last."""
+    last = ckpt.epoch + 1 == args.epochs
+    if not info.is_main:
+        return
+    if last or (ckpt.epoch + 1) % args.save_every == 0:
+        ckpt.save(args.output_dir / "checkpoint-last.pth")
+    if last and final_copy:
+        ckpt.save(args.output_dir / "checkpoint-final.pth")
 
 
 def train_epochs(*, model, optimizer, loader, args, info: DistInfo, start_epoch: int,
@@ -130,6 +213,7 @@ def train_epochs(*, model, optimizer, loader, args, info: DistInfo, start_epoch:
             step = epoch * steps_per_epoch + i
             if i % args.accum_iter == 0:
                 set_lr(optimizer, lr_at(step / steps_per_epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs))
+            torch.manual_seed(step_seed(args.seed, info.rank, step))  # drop path: exact resume
             with autocast(args.amp, info.device):
                 loss = step_fn(batch, model, step)
             if not torch.isfinite(loss):
@@ -154,11 +238,6 @@ def train_epochs(*, model, optimizer, loader, args, info: DistInfo, start_epoch:
         if info.is_main and not args.quiet:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {epoch_loss:.4f} ({seconds:.0f} s)", flush=True)
         on_epoch_end(epoch, epoch_loss)
-
-
-def write_checkpoint(output_dir: Path, name: str, state: dict[str, Any], info: DistInfo) -> None:
-    if info.is_main:
-        save_checkpoint(output_dir / name, state)
 
 
 @torch.no_grad()

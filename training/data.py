@@ -18,15 +18,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from model.stats import FASHION_MNIST_MEAN, FASHION_MNIST_STD, default_stats
+
 FASHION_MNIST_DIR = Path(os.environ.get("MAE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-# Per-channel statistics of the Fashion-MNIST training split (pixels scaled to [0, 1]).
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -92,7 +89,7 @@ def resize(img: Tensor, size: int) -> Tensor:
 class Transform:
     """uint8 [C, H, W] -> normalized float [C, size, size]; training mode crops and flips at random."""
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], train: bool,
+    def __init__(self, size: int, *, mean: tuple[float, ...], std: tuple[float, ...], train: bool,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: bool = True):
         self.size, self.train, self.scale, self.ratio, self.hflip = size, train, scale, ratio, hflip
@@ -123,7 +120,7 @@ class SeededDataset(Dataset):
 
     labels: list[str]
 
-    def __init__(self, transform: Transform, seed: int = 0):
+    def __init__(self, transform: Transform, *, seed: int = 0):
         self.transform, self.seed, self.epoch = transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -141,9 +138,9 @@ class FashionMNIST(SeededDataset):
     labels = FASHION_MNIST_LABELS
     mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
-    def __init__(self, split: str, transform: Transform, root: str | Path | None = None, seed: int = 0,
+    def __init__(self, split: str, *, transform: Transform, root: str | Path | None = None, seed: int = 0,
                  limit: int | None = None):
-        super().__init__(transform, seed)
+        super().__init__(transform, seed=seed)
         self.images, self.targets = load_fashion_mnist(split, root)
         if limit:
             self.images, self.targets = self.images[:limit], self.targets[:limit]
@@ -161,14 +158,10 @@ class ImageFolder(SeededDataset):
     Normalized with ImageNet's statistics (RGB) or 0.5 / 0.5 (grayscale); `mean` and `std` say which.
     """
 
-    @staticmethod
-    def stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
-
-    def __init__(self, root: str | Path, transform: Transform, in_chans: int = 3, seed: int = 0,
+    def __init__(self, root: str | Path, *, transform: Transform, in_chans: int = 3, seed: int = 0,
                  limit: int | None = None):
-        super().__init__(transform, seed)
-        self.mean, self.std = self.stats(in_chans)
+        super().__init__(transform, seed=seed)
+        self.mean, self.std = default_stats(in_chans)
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such image folder")
@@ -199,11 +192,12 @@ def build_dataset(name: str, split: str, img_size: int, in_chans: int, train: bo
     `train` turns on RandomResizedCrop (area fraction `scale`) and horizontal flips.
     """
     if name == "fashion-mnist":
-        t = Transform(img_size, FashionMNIST.mean, FashionMNIST.std, train, scale=scale)
-        return FashionMNIST(split, t, root, seed, limit)
+        t = Transform(img_size, mean=FashionMNIST.mean, std=FashionMNIST.std, train=train, scale=scale)
+        return FashionMNIST(split, transform=t, root=root, seed=seed, limit=limit)
     if name == "imagefolder":
         if not root:
             raise ValueError("the imagefolder dataset needs --data-path")
-        t = Transform(img_size, *ImageFolder.stats(in_chans), train, scale=scale)
-        return ImageFolder(Path(root) / split, t, in_chans, seed, limit)
+        mean, std = default_stats(in_chans)
+        t = Transform(img_size, mean=mean, std=std, train=train, scale=scale)
+        return ImageFolder(Path(root) / split, transform=t, in_chans=in_chans, seed=seed, limit=limit)
     raise ValueError(f"unknown dataset {name!r} (fashion-mnist, imagefolder)")

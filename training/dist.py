@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
@@ -35,7 +35,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world_size, local_rank, dev)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
 def mean_across_ranks(value: float, info: DistInfo) -> float:

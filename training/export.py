@@ -5,184 +5,73 @@ latent), `decoder.onnx` (latent, ids_restore -> pred) and, when there is a head,
 `classifier.onnx` (pixels -> logits), with the batch B and kept-token count K as dynamic axes.
 fp16 (GPU) and int8 (CPU) variants are derived from the fp32 files. Every variant is run in ONNX
 Runtime against torch before the directory appears; the figures go into `model.json`.
+
+This module is the orchestration; the pieces are `training/graphs.py` (the torch graphs and their
+ONNX export), `training/variants.py` (fp16 / int8 files), `training/verification.py` (the proof)
+and `training/model_json.py` (what model.json says about the model).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import onnx
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from model.checkpoint import CheckpointError, build_autoencoder, build_classifier, checkpoint_config, read_checkpoint
-from model.configs import MAEConfig
-from model.mae import MaskedAutoencoderViT, ViTClassifier, ViTEncoder
-from service import self_check
-from service.model_dir import (
-    PRECISIONS,
-    Architecture,
-    ClassifierInfo,
-    Embedding,
-    FileSpec,
-    ModelJson,
-    Preprocessing,
-    TensorSpec,
-    Training,
-    load_model_dir,
-)
+from model import Checkpoint, CheckpointError, MAEConfig, ViTClassifier
+from model.mae import ViTEncoder
+from model_dir.schema import MODEL_JSON, PRECISIONS, Architecture, FileSpec, ModelJson, load_model_dir, write_model_json
 from training.cli import run_cli
-from training.data import FASHION_MNIST_DIR, IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from training.data import FASHION_MNIST_DIR, build_dataset
+from training.graphs import DEFAULT_OPSET, OPSETS, GraphExport, export_graph, graph_exports, torch_reference
+from training.model_json import describe
 from training.quantize import DEFAULT_RECIPE, RECIPES
-from training.variants import (
-    EXTERNAL_DATA_BYTES,
+from training.variants import Sessions, add_variant, cpu_session, declare, variant_name
+from training.verification import (
     VERIFY_BATCHES,
-    Sessions,
-    add_variant,
-    check_rows,
-    declare,
-    derive_variants,
-    format_table,
-    masking_cases,
-    prepare_out_dir,
-    publish,
-    variant_name,
+    pixel_sets,
+    run_self_check,
+    session_reference,
     verification,
-    verify,
+    verify_all,
     write_self_check,
 )
 
-DEFAULT_OPSET = 20  # attention stays decomposed (fusable by ORT); Attention-23 is not on every EP yet
-OPSETS = range(18, 23)
+
+def load_models(checkpoint: str | Path, classifier_checkpoint: str | Path | None
+                ) -> tuple[Checkpoint, ViTEncoder, ViTClassifier | None, Checkpoint | None]:
+    """(checkpoint, autoencoder, classifier or None, classifier checkpoint or None); bad combinations raise."""
+    ckpt = Checkpoint.load(checkpoint)
+    if ckpt.kind == "finetune":
+        raise CheckpointError(f"{checkpoint}: a fine-tuned classifier has no MAE encoder latent to export; "
+                              "pass the pretrained checkpoint and this one as --classifier")
+    mae = ckpt.autoencoder(str(checkpoint))
+    if classifier_checkpoint is None:
+        return ckpt, mae, ckpt.classifier_model(str(checkpoint)), None
+    cls_ckpt = Checkpoint.load(classifier_checkpoint)
+    classifier = cls_ckpt.classifier_model(str(classifier_checkpoint))
+    if classifier is None:
+        raise CheckpointError(f"{classifier_checkpoint}: carries no classifier (kind {cls_ckpt.kind!r})")
+    mine, theirs = ckpt.config.to_dict(), cls_ckpt.config.to_dict()
+    mine.pop("norm_pix_loss"), theirs.pop("norm_pix_loss")
+    if mine != theirs:
+        raise CheckpointError(f"{classifier_checkpoint}: architecture differs from {checkpoint}")
+    return ckpt, mae, classifier, cls_ckpt
 
 
-class EncoderGraph(nn.Module):
-    """pixels [B, C, H, W], ids_keep [B, K] -> latent [B, 1+K, D] (after the final norm)."""
-
-    def __init__(self, mae: ViTEncoder):
-        super().__init__()
-        self.mae = mae
-
-    def forward(self, pixels: Tensor, ids_keep: Tensor) -> Tensor:
-        return self.mae.forward_encoder(pixels, ids_keep)
-
-
-class DecoderGraph(nn.Module):
-    """latent [B, 1+K, D], ids_restore [B, L] -> pred [B, L, p*p*C]."""
-
-    def __init__(self, mae: MaskedAutoencoderViT):
-        super().__init__()
-        self.mae = mae
-
-    def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        return self.mae.forward_decoder(latent, ids_restore)
-
-
-@dataclass
-class GraphExport:
-    """One graph to export: the module, example inputs, dynamic axes and the I/O declared in model.json."""
-
-    module: nn.Module
-    example: tuple[Tensor, ...]
-    dynamic_shapes: tuple[dict[int, Any], ...]
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    layer_norms: int  # LayerNormalization nodes the graph must contain (one per nn.LayerNorm used)
-
-
-def graph_exports(mae: ViTEncoder, classifier: ViTClassifier | None) -> dict[str, GraphExport]:
-    """The graphs of this model with their contract (names and shapes from DESIGN.md)."""
-    c = mae.config
-    L, D = c.num_patches, c.embed_dim
-    B = torch.export.Dim("B", min=1)
-    K = torch.export.Dim("K", min=1, max=L)
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(2, c.in_chans, c.img_size, c.img_size, generator=g)  # B, K >= 2: no 0/1 specialization
-    ids_keep, ids_restore = (torch.from_numpy(a) for a in masking_cases(L, 2, np.random.default_rng(0))[max(2, L // 4)])
-    pixels_spec = TensorSpec(name="pixels", shape=["B", c.in_chans, c.img_size, c.img_size], dtype="float32")
-    latent_spec = TensorSpec(name="latent", shape=["B", "1+K", D], dtype="float32")
-    graphs = {"encoder": GraphExport(
-        EncoderGraph(mae), (pixels, ids_keep), ({0: B}, {0: B, 1: K}),
-        [pixels_spec, TensorSpec(name="ids_keep", shape=["B", "K"], dtype="int64")], [latent_spec],
-        layer_norms=2 * c.depth + 1,
-    )}
-    if isinstance(mae, MaskedAutoencoderViT):
-        T = torch.export.Dim("T", min=2, max=L + 1)  # 1+K tokens
-        latent = torch.randn(2, ids_keep.shape[1] + 1, D, generator=g)
-        graphs["decoder"] = GraphExport(
-            DecoderGraph(mae), (latent, ids_restore), ({0: B, 1: T}, {0: B}),
-            [latent_spec, TensorSpec(name="ids_restore", shape=["B", L], dtype="int64")],
-            [TensorSpec(name="pred", shape=["B", L, c.patch_dim], dtype="float32")],
-            layer_norms=2 * c.decoder_depth + 1,
-        )
-    if classifier is not None:
-        num_classes = classifier.head_linear.out_features
-        graphs["classifier"] = GraphExport(
-            classifier, (pixels,), ({0: B},), [pixels_spec],
-            [TensorSpec(name="logits", shape=["B", num_classes], dtype="float32")],
-            layer_norms=2 * c.depth + 1,
-        )
-    return graphs
-
-
-def export_graph(graph: GraphExport, path: Path, opset: int) -> None:
-    """torch.onnx.export (dynamo) to `path`, weights beside it in `<name>.data` when over the protobuf limit."""
-    input_names = [t.name for t in graph.inputs]
-    weight_bytes = sum(t.numel() * t.element_size() for t in graph.module.state_dict().values())
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints.*")
-        program = torch.onnx.export(
-            graph.module.eval(), graph.example, dynamo=True, opset_version=opset, input_names=input_names,
-            output_names=[t.name for t in graph.outputs], dynamic_shapes=graph.dynamic_shapes, verbose=False,
-        )
-    if program is None:
-        raise RuntimeError(f"torch.onnx.export returned no program for {path.name}")
-    program.save(path, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
-    check_layer_norms(onnx.load(path, load_external_data=False), graph.layer_norms, path.name)
-
-
-def check_layer_norms(model: onnx.ModelProto, expected: int, what: str) -> None:
-    """LayerNorm must be one LayerNormalization node each: a decomposed one (Pow, ReduceMean) overflows in fp16."""
-    ops = [n.op_type for n in model.graph.node]
-    if ops.count("LayerNormalization") != expected or "Pow" in ops:
-        raise RuntimeError(f"{what}: expected {expected} LayerNormalization nodes and no Pow, found "
-                           f"{ops.count('LayerNormalization')} and {ops.count('Pow')} (opset too old?)")
-
-
-def torch_reference(mae: ViTEncoder, classifier: ViTClassifier | None) -> self_check.RunGraph:
-    """The torch modules as a (graph, feeds) -> output function, the reference the ONNX graphs are held to."""
-
-    @torch.no_grad()
-    def run(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
-        module = {"encoder": mae.forward_encoder, "decoder": getattr(mae, "forward_decoder", None),
-                  "classifier": classifier}[graph]
-        return module(*args).numpy()
-
-    return run
-
-
-def embedding_info(ckpt: dict, config) -> Embedding:
-    """`/embed`'s default: the pooling the checkpoint's linear probe was measured on (cls without a probe)."""
-    probe = ckpt.get("classifier") if ckpt.get("kind") == "probe" else None
-    pooling = probe["pooling"] if probe else "cls"
-    return Embedding(default_pooling=pooling, dim=config.embed_dim * (2 if pooling == "cls+mean" else 1))
-
-
-def default_real_images(ckpt: dict[str, Any], config: MAEConfig | Architecture, count: int) -> Tensor | None:
-    """A few test images of the checkpoint's data set when it is Fashion-MNIST and on disk, else None."""
-    data = ckpt.get("data") or {}
-    if data.get("dataset") != "fashion-mnist" or config.in_chans != 1 or not FASHION_MNIST_DIR.is_dir():
+def default_real_images(dataset: str | None, config: MAEConfig | Architecture, count: int) -> Tensor | None:
+    """A few test images of the model's data set when it is Fashion-MNIST and on disk, else None."""
+    if dataset != "fashion-mnist" or config.in_chans != 1 or not FASHION_MNIST_DIR.is_dir():
         return None
     try:
         ds = build_dataset("fashion-mnist", "test", config.img_size, config.in_chans, train=False, limit=count)
@@ -191,65 +80,62 @@ def default_real_images(ckpt: dict[str, Any], config: MAEConfig | Architecture, 
     return torch.stack([ds[i][0] for i in range(len(ds))])
 
 
-def preprocessing(ckpt: dict[str, Any], config: MAEConfig) -> Preprocessing:
-    """As the evaluation transform of training/data.py: square centre crop, bicubic resize, normalize."""
-    data = ckpt.get("data") or {}
-    mean, std = data.get("mean"), data.get("std")
-    if mean is None or std is None:
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if config.in_chans == 3 else ((0.5,), (0.5,))
-    return Preprocessing(resize=config.img_size, crop=config.img_size, interpolation="bicubic",
-                         channels="L" if config.in_chans == 1 else "RGB", mean=list(mean), std=list(std))
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A fresh directory beside `out` to build the new one in; removed again when anything fails."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def training_facts(ckpt: dict[str, Any], cls_ckpt: dict[str, Any] | None) -> Training:
-    """Dataset, pretraining epochs and the scalar metrics of the checkpoints (fine-tune ones prefixed)."""
-    data, metrics = ckpt.get("data") or {}, ckpt.get("metrics") or {}
-    facts: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-    epochs = metrics.get("epochs", ckpt["epoch"] + 1 if isinstance(ckpt.get("epoch"), int) else None)
-    if cls_ckpt is not None:
-        facts.update({f"finetune_{k}" if not k.startswith("finetune") else k: v
-                      for k, v in (cls_ckpt.get("metrics") or {}).items() if isinstance(v, (int, float, str))})
-    for key in ("epochs", "dataset"):
-        facts.pop(key, None)
-    return Training(dataset=data.get("dataset"), epochs=epochs, **facts)
+def prepare_out_dir(out: Path) -> None:
+    """Refuse to replace anything but a model directory (or an empty one); make its parent."""
+    if out.exists() and not (out.is_dir() and ((out / MODEL_JSON).is_file() or not any(out.iterdir()))):
+        raise ValueError(f"{out}: exists and is not a model directory; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def class_labels(classifier: ViTClassifier, info: dict[str, Any], ckpt: dict[str, Any]) -> list[str]:
-    """The head's label names: from the classifier info, else the training data's, else the class ids."""
-    data_labels = (ckpt.get("data") or {}).get("labels")
-    if not info.get("labels") and data_labels and len(data_labels) == len(classifier.labels):
-        return list(data_labels)
-    return list(classifier.labels)
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` with renames, so a reader sees the old directory or the new one, never half."""
+    prepare_out_dir(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
-def classifier_info(classifier: ViTClassifier, info: dict[str, Any]) -> ClassifierInfo:
-    source = info["head_type"]
-    metrics = info.get("metrics") or {}
-    top1 = metrics.get(f"{source}_top1", metrics.get("top1"))
-    return ClassifierInfo(source=source, pooling=classifier.pooling, top1=top1)
+def publish(tmp: Path, out: Path, spec: ModelJson, sessions: Sessions) -> None:
+    """Write model.json into `tmp`, run the server's loader and self-check there, then move `tmp` to `out`."""
+    write_model_json(tmp, spec)
+    run_self_check(load_model_dir(tmp), sessions)  # the server's own checks, before the directory is visible
+    sessions.clear()  # close the sessions before their files move
+    move_into_place(tmp, out)
 
 
-def load_models(checkpoint: str | Path, classifier_checkpoint: str | Path | None
-                ) -> tuple[dict[str, Any], ViTEncoder, ViTClassifier | None, dict[str, Any] | None]:
-    """(checkpoint, autoencoder, classifier or None, classifier checkpoint or None); bad combinations raise."""
-    ckpt = read_checkpoint(checkpoint)
-    if ckpt.get("kind") == "finetune":
-        raise CheckpointError(f"{checkpoint}: a fine-tuned classifier has no MAE encoder latent to export; "
-                              "pass the pretrained checkpoint and this one as --classifier")
-    mae = build_autoencoder(ckpt, str(checkpoint))
-    cls_ckpt = None
-    if classifier_checkpoint is not None:
-        cls_ckpt = read_checkpoint(classifier_checkpoint)
-        classifier = build_classifier(cls_ckpt, str(classifier_checkpoint))
-        if classifier is None:
-            raise CheckpointError(f"{classifier_checkpoint}: carries no classifier (kind {cls_ckpt.get('kind')!r})")
-        mine, theirs = checkpoint_config(ckpt).to_dict(), checkpoint_config(cls_ckpt).to_dict()
-        mine.pop("norm_pix_loss"), theirs.pop("norm_pix_loss")
-        if mine != theirs:
-            raise CheckpointError(f"{classifier_checkpoint}: architecture differs from {checkpoint}")
-    else:
-        classifier = build_classifier(ckpt, str(checkpoint))
-    return ckpt, mae, classifier, cls_ckpt
+def export_graphs(root: Path, graphs: dict[str, GraphExport], precisions: Sequence[str], opset: int,
+                  int8_recipe: str, log: Callable[[str], None]) -> tuple[dict[str, dict[str, FileSpec]], Sessions]:
+    """Every graph in every precision into `root`: the model.json entries and a checked CPU session of each."""
+    files: dict[str, dict[str, FileSpec]] = {}
+    sessions: Sessions = {}
+    for graph, spec in graphs.items():
+        for precision in precisions:
+            t = time.perf_counter()
+            if precision == "fp32":
+                export_graph(spec, root / variant_name(graph, precision), opset)
+                file_spec, session = declare(root, variant_name(graph, precision), spec.inputs, spec.outputs)
+            else:
+                file_spec, session = add_variant(root, graph, precision, spec.inputs, spec.outputs, int8_recipe)
+            files.setdefault(graph, {})[precision] = file_spec
+            sessions.setdefault(graph, {})[precision] = session
+            log(f"mae-export: {file_spec.path} ({file_spec.bytes / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
+    return files, sessions
 
 
 def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_checkpoint: str | Path | None = None,
@@ -275,59 +161,59 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
     prepare_out_dir(out)
     ckpt, mae, classifier, cls_ckpt = load_models(checkpoint, classifier_checkpoint)
     config = mae.config
-    real_images = verify_data if verify_data is not None else default_real_images(ckpt, config, max(VERIFY_BATCHES))
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
-    try:
+    real = verify_data if verify_data is not None else default_real_images(ckpt.data.get("dataset"), config,
+                                                                            max(VERIFY_BATCHES))
+    real = None if real is None else real.numpy()
+    with staging_dir(out) as tmp:
         graphs = graph_exports(mae, classifier)
-        files: dict[str, dict[str, FileSpec]] = {}
-        sessions: Sessions = {}
-        for graph, spec in graphs.items():
-            for precision in precisions:
-                t = time.perf_counter()
-                if precision == "fp32":
-                    export_graph(spec, tmp / variant_name(graph, precision), opset)
-                    file_spec, session = declare(tmp, variant_name(graph, precision), spec.inputs, spec.outputs)
-                else:
-                    file_spec, session = add_variant(tmp, graph, precision, spec.inputs, spec.outputs, int8_recipe)
-                files.setdefault(graph, {})[precision] = file_spec
-                sessions.setdefault(graph, {})[precision] = session
-                log(f"mae-export: {file_spec.path} ({file_spec.bytes / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
-
+        files, sessions = export_graphs(tmp, graphs, precisions, opset, int8_recipe, log)
         t = time.perf_counter()
         reference = torch_reference(mae, classifier)
         shape = (config.in_chans, config.img_size, config.img_size)
-        pixel_sets = {"random": np.random.default_rng(0).standard_normal((max(VERIFY_BATCHES), *shape))}
-        if real_images is not None:
-            pixel_sets["real"] = real_images.numpy()
-        rows = verify(reference, sessions, pixel_sets, config.num_patches)
-        log(format_table(rows))
+        rows = verify_all(reference, sessions, pixel_sets(shape, real), config.num_patches, log)
         log(f"mae-export: verified {len(rows)} cases in {time.perf_counter() - t:.1f} s")
-        check_rows(rows)
-
-        info = (cls_ckpt or ckpt).get("classifier") if classifier is not None else None
-        model_json = ModelJson(
-            name=name or (ckpt.get("args") or {}).get("model") or Path(checkpoint).stem,
-            version=files["encoder"]["fp32"].sha256[:12],
-            architecture=Architecture(**{k: v for k, v in config.to_dict().items() if k != "norm_pix_loss"},
-                                      num_patches=config.num_patches, grid_size=config.grid_size),
-            preprocessing=preprocessing(ckpt, config),
-            norm_pix_loss=config.norm_pix_loss,
-            labels=class_labels(classifier, info, ckpt) if classifier is not None else None,
-            embedding=embedding_info(ckpt, config),
-            classifier=classifier_info(classifier, info) if classifier is not None else None,
-            training=training_facts(ckpt, cls_ckpt),
-            files=files,
-            verification=verification(rows),
-            self_check=write_self_check(tmp, reference, "torch", set(graphs), shape, config.num_patches,
-                                        None if real_images is None else real_images.numpy()),
-        )
-        publish(tmp, out, model_json, sessions)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        spec = describe(ckpt=ckpt, cls_ckpt=cls_ckpt, classifier=classifier, name=name, checkpoint=checkpoint,
+                        files=files, verification=verification(rows),
+                        self_check=write_self_check(tmp, reference, "torch", set(graphs), shape, config.num_patches,
+                                                    real))
+        publish(tmp, out, spec, sessions)
     log(f"mae-export: wrote {out} ({', '.join(files)} x {', '.join(precisions)}) in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def derive_variants(src_dir: str | Path, out_dir: str | Path, precisions: Sequence[str],
+                    real_images: np.ndarray | None, log: Callable[[str], None] = print,
+                    int8_recipe: str = DEFAULT_RECIPE) -> Path:
+    """Add `precisions` variants and a self-check to a model directory whose checkpoint is not at hand.
+
+    The directory's fp32 graphs are the reference (they were verified against torch at export, and those
+    rows are kept); the self-check records that (`reference: onnxruntime-fp32`). Written atomically.
+    """
+    src = load_model_dir(src_dir)
+    out = Path(out_dir).resolve()
+    wanted = [p for p in PRECISIONS[1:] if p in precisions]
+    with staging_dir(out) as tmp:
+        shutil.copytree(src.root, tmp, dirs_exist_ok=True)
+        tmp.chmod(0o755)  # copytree gave it the source directory's mode
+        files = {g: dict(by_precision) for g, by_precision in src.spec.files.items()}
+        fp32 = {g: cpu_session(tmp / files[g]["fp32"].path) for g in files}
+        new: Sessions = {g: {} for g in files}
+        for graph, precision in ((g, p) for g in files for p in wanted):
+            t = time.perf_counter()
+            files[graph][precision], new[graph][precision] = add_variant(
+                tmp, graph, precision, files[graph]["fp32"].inputs, files[graph]["fp32"].outputs, int8_recipe)
+            log(f"mae-export: {variant_name(graph, precision)} ({files[graph][precision].bytes / 1e6:.1f} MB) "
+                f"in {time.perf_counter() - t:.1f} s")
+        a = src.spec.architecture
+        shape = (a.in_chans, a.img_size, a.img_size)
+        rows = verify_all(session_reference(fp32), new, pixel_sets(shape, real_images), a.num_patches, log)
+        kept = [r for r in (src.spec.verification.rows if src.spec.verification else []) if r.precision not in wanted]
+        spec = src.spec.model_copy(update={
+            "files": files, "verification": verification(kept + rows),
+            "self_check": write_self_check(tmp, session_reference(fp32), "onnxruntime-fp32", set(files), shape,
+                                           a.num_patches, real_images)})
+        publish(tmp, out, spec, {g: {"fp32": fp32.pop(g), **new.pop(g)} for g in files})
+    log(f"mae-export: wrote {out} with {', '.join(wanted)} variants derived from {src.root}")
     return out
 
 
@@ -365,7 +251,7 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError("give one of --checkpoint and --from-model-dir")
     if args.from_model_dir is not None:
         spec = load_model_dir(args.from_model_dir).spec
-        real = default_real_images({"data": {"dataset": spec.training.dataset}}, spec.architecture, max(VERIFY_BATCHES))
+        real = default_real_images(spec.training.dataset, spec.architecture, max(VERIFY_BATCHES))
         derive_variants(args.from_model_dir, args.out, precisions, None if real is None else real.numpy(),
                         int8_recipe=args.int8_recipe)
         return

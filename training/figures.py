@@ -1,4 +1,5 @@
-"""Figures for the model card, drawn with Pillow only: line plots and reconstruction grids."""
+"""Figures for the model card, drawn with Pillow: line plots, and reconstruction grids made of the server's
+reconstruction panel (`model_dir.reconstruction`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from model import MaskedAutoencoderViT
+from model_dir.reconstruction import PANEL_GAP, panel, panel_row, reconstruct, to_uint8
+from training.model_json import preprocessing
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
@@ -59,38 +62,31 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: Path, titl
 
 @torch.no_grad()
 def reconstruction_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, mean: Sequence[float],
-                        std: Sequence[float], ratios: Sequence[float], path: Path, seed: int = 0,
-                        scale: int = 3) -> None:
-    """Per ratio, rows of: original | masked | reconstruction | reconstruction + visible, for each image.
+                        std: Sequence[float], ratios: Sequence[float], path: Path, seed: int = 0) -> None:
+    """Per ratio, one row per image: original | masked | reconstruction | pasted, the server's panel
+    (`model_dir.reconstruction`), with the ratio written on the left of its rows.
 
     Norm-pix models predict normalised patches; they are put back on the pixel scale with each
     patch's own mean and std (that uses the hidden pixels' statistics: a visualisation only).
     """
     model.eval()
+    c = model.config
     device = next(model.parameters()).device
-    imgs = imgs.to(device)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    blocks = []
+    prep = preprocessing({"mean": list(mean), "std": list(std)}, c)
+    m, s = np.asarray(mean).reshape(-1, 1, 1), np.asarray(std).reshape(-1, 1, 1)
+    shown = [to_uint8(np.clip(img * s + m, 0.0, 1.0)) for img in imgs.cpu().numpy()]  # the images as seen
+    rows = []
     for ratio in ratios:
-        noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=torch.Generator().manual_seed(seed))
-        _, pred, mask = model(imgs, mask_ratio=ratio, noise=noise.to(device))
-        if model.config.norm_pix_loss:
-            target = model.patchify(imgs)
-            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-        rec = model.unpatchify(pred)
-        mk = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.config.patch_dim))
-        panels = [imgs, imgs * (1 - mk) + mk * ((0.5 - m) / s), rec, imgs * (1 - mk) + rec * mk]
-        rows = [torch.cat([((p[i:i + 1] * s + m).clamp(0, 1)) for p in panels], dim=-1) for i in range(len(imgs))]
-        blocks.append(torch.cat(rows, dim=-2))
-    grid = torch.cat([torch.nn.functional.pad(b, (0, 0, 0, 4), value=1.0) for b in blocks], dim=-2)[0]
-    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    im = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
-    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        noise = torch.rand(imgs.shape[0], c.num_patches, generator=torch.Generator().manual_seed(seed))
+        _, pred, mask = model(imgs.to(device), mask_ratio=ratio, noise=noise.to(device))
+        for rgb, p, mk in zip(shown, pred.cpu().numpy(), mask.cpu().numpy(), strict=True):
+            rows.append(panel_row(reconstruct(rgb, p, mk, prep, c.patch_size, c.norm_pix_loss)))
+    grid = panel(rows)
+    im = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     canvas = Image.new("RGB", (im.width + 60, im.height), "white")
     canvas.paste(im, (60, 0))
     d = ImageDraw.Draw(canvas)
-    block_h = im.height / len(ratios)
+    block_h = (im.height + PANEL_GAP) / len(ratios)
     for i, ratio in enumerate(ratios):
         d.text((4, int(block_h * i + block_h / 2) - 6), f"mask {ratio:.2f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)

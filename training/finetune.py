@@ -13,20 +13,20 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from model import ViTClassifier, read_checkpoint
-from model.checkpoint import checkpoint_config
+from model import Checkpoint, ClassifierRecord, ViTClassifier
 from training.cli import run_cli
 from training.common import (
     MetricsLog,
     add_loop_args,
     build_loader,
     evaluate_top1,
-    resume_state,
+    read_pretrained,
     run_distributed,
+    save_epoch,
+    scale_lr,
+    start_run,
     train_epochs,
-    write_checkpoint,
 )
 from training.data import build_dataset
 from training.dist import DistInfo
@@ -51,41 +51,21 @@ def main(args: argparse.Namespace) -> None:
     run_distributed(_finetune, args)
 
 
-def _finetune(args: argparse.Namespace, info) -> None:
+def _finetune(args: argparse.Namespace, info: DistInfo) -> None:
     torch.manual_seed(args.seed)
-    src = read_checkpoint(args.checkpoint)
-    if src.get("kind") == "finetune":
-        raise ValueError(f"{args.checkpoint}: already fine-tuned; start from a pretrained checkpoint")
-    config = checkpoint_config(src)
-    data = src.get("data") or {}
-    dataset_name = args.dataset or data.get("dataset")
-    if not dataset_name:
-        raise ValueError("the checkpoint does not name its data set; pass --dataset")
+    src, dataset_name = read_pretrained(args.checkpoint, args.dataset)
+    config = src.config
     train = build_dataset(dataset_name, "train", config.img_size, config.in_chans, train=True, root=args.data_path,
                           seed=args.seed, limit=args.limit, scale=(args.crop_scale_min, 1.0))
     test = build_dataset(dataset_name, "test", config.img_size, config.in_chans, train=False, root=args.data_path)
     loader = build_loader(train, args.batch_size, info, args.seed, train=True, num_workers=args.num_workers)
     test_loader = build_loader(test, 500, DistInfo(device=info.device), args.seed, train=False)  # rank 0 evaluates all
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
-    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-
-    model = ViTClassifier(config, len(train.labels), head_type="finetune", drop_path_rate=args.drop_path)
-    encoder_sd = {k: v for k, v in src["model"].items() if not k.startswith(("decoder", "mask_token", "norm."))}
-    missing, unexpected = model.load_state_dict(encoder_sd, strict=False)
-    if set(missing) != {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} or unexpected:
-        raise ValueError(f"{args.checkpoint}: incompatible encoder (missing {missing}, unexpected {unexpected})")
-    model.to(info.device)
+    eff_batch = scale_lr(args, info)
+    model = _from_pretrained(src, len(train.labels), args).to(info.device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay), lr=args.lr)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    start_epoch = 0
-    state = resume_state(args.resume, args.output_dir)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-    ddp = DistributedDataParallel(model) if info.enabled else model
+    run = start_run(model, optimizer, args, info)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    log = MetricsLog(args.output_dir / "metrics.jsonl", info.is_main)
+    log = MetricsLog(args.output_dir / "metrics.jsonl", enabled=info.is_main)
     if info.is_main:
         print(f"mae-finetune: {len(train)} images, effective batch {eff_batch}, lr {args.lr:.2e}, "
               f"layer decay {args.layer_decay}, drop path {args.drop_path}", flush=True)
@@ -100,23 +80,28 @@ def _finetune(args: argparse.Namespace, info) -> None:
         if info.is_main and not args.quiet:
             print(f"  test top-1 {acc:.2f}%", flush=True)
         metrics = {"train_loss": loss, "finetune_top1": acc, "epochs": epoch + 1}
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "scaler": scaler.state_dict() if scaler else None, "args": {k: str(v) for k, v in vars(args).items()},
-            "config": config.to_dict(), "kind": "finetune", "data": data, "metrics": metrics,
-            "classifier": {"head_type": "finetune", "pooling": "mean", "num_classes": len(train.labels),
-                           "labels": list(train.labels), "metrics": metrics},
-        }
-        if epoch + 1 == args.epochs or (epoch + 1) % args.save_every == 0:
-            write_checkpoint(args.output_dir, "checkpoint-last.pth", state, info)
+        head = ClassifierRecord(head_type="finetune", pooling="mean", num_classes=len(train.labels),
+                                labels=list(train.labels), metrics=metrics)
+        save_epoch(run.checkpoint(epoch=epoch, args=args, config=config, kind="finetune", data=src.data,
+                                  metrics=metrics, classifier=head), args, info)
 
     t0 = time.perf_counter()
-    train_epochs(model=ddp, optimizer=optimizer, loader=loader, args=args, info=info, start_epoch=start_epoch,
-                 step_fn=step_fn, log=log, on_epoch_end=on_epoch_end, scaler=scaler)
+    train_epochs(model=run.net, optimizer=optimizer, loader=loader, args=args, info=info, start_epoch=run.start_epoch,
+                 step_fn=step_fn, log=log, on_epoch_end=on_epoch_end, scaler=run.scaler)
     if info.is_main:
-        final = read_checkpoint(args.output_dir / "checkpoint-last.pth")["metrics"]["finetune_top1"]
+        final = Checkpoint.load(args.output_dir / "checkpoint-last.pth").metrics["finetune_top1"]
         print(f"mae-finetune: test top-1 {final:.2f}% in {time.perf_counter() - t0:.0f} s; "
               f"wrote {args.output_dir / 'checkpoint-last.pth'}")
+
+
+def _from_pretrained(src: Checkpoint, num_classes: int, args: argparse.Namespace) -> ViTClassifier:
+    """A fine-tuning classifier with the pretrained encoder's weights (fc_norm and head fresh)."""
+    model = ViTClassifier(src.config, num_classes=num_classes, head_type="finetune", drop_path_rate=args.drop_path)
+    encoder_sd = {k: v for k, v in src.encoder_state_dict().items() if not k.startswith("norm.")}
+    missing, unexpected = model.load_state_dict(encoder_sd, strict=False)
+    if set(missing) != {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} or unexpected:
+        raise ValueError(f"{args.checkpoint}: incompatible encoder (missing {missing}, unexpected {unexpected})")
+    return model
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

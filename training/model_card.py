@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model import read_checkpoint
-from model.checkpoint import build_autoencoder
+from model import Checkpoint
 from training.data import build_dataset
 from training.figures import line_plot, reconstruction_grid
 
@@ -66,9 +65,9 @@ def main() -> None:
         line_plot({"fine-tuning test top-1 (%)": [(e + 1, r["test_top1"]) for e, r in fine.items() if "test_top1" in r]},
                   args.out / "finetune_top1.png", "Fine-tuning", "epoch", "top-1 %")
 
-    probe_ckpt = read_checkpoint(args.run / "probe" / "checkpoint-probe.pth")
-    mae = build_autoencoder(probe_ckpt)
-    data = probe_ckpt["data"]
+    probe_ckpt = Checkpoint.load(args.run / "probe" / "checkpoint-probe.pth")
+    mae = probe_ckpt.autoencoder()
+    data = probe_ckpt.data
     test = build_dataset(data["dataset"], "test", mae.config.img_size, mae.config.in_chans, train=False)
     imgs = torch.stack([test[i][0] for i in range(8)])
     reconstruction_grid(mae, imgs, data["mean"], data["std"], (0.5, 0.75, 0.9), args.out / "reconstructions.png")
@@ -80,12 +79,12 @@ def main() -> None:
         "pretrain_final_loss": list(pre.values())[-1]["train_loss"],
         "finetune_epochs": len(fine),
         "finetune_seconds": round(sum(r.get("epoch_seconds", 0) for r in fine.values())),
-        "probe": probe_ckpt["classifier"]["metrics"],
+        "probe": probe_ckpt.classifier.metrics,
         "finetune_top1": list(fine.values())[-1].get("test_top1") if fine else None,
         "classifier": model_json.get("classifier"),
         "model_dir_bytes": sum(f.stat().st_size for f in args.model_dir.iterdir()),
     }
-    cache = probe_ckpt["args"].get("feature_cache")
+    cache = probe_ckpt.args.get("feature_cache")
     if cache and Path(cache).is_file():
         summary["nearest_centroid_top1"] = nearest_centroid(Path(cache))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

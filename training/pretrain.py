@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from model import CONFIGS, MaskedAutoencoderViT, get_config
 from training.cli import run_cli
@@ -16,13 +14,15 @@ from training.common import (
     MetricsLog,
     add_loop_args,
     build_loader,
-    resume_state,
     run_distributed,
+    save_epoch,
+    scale_lr,
+    start_run,
     step_generator,
     train_epochs,
-    write_checkpoint,
 )
 from training.data import build_dataset
+from training.dist import DistInfo
 from training.figures import reconstruction_grid
 from training.optim import param_groups
 
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
     run_distributed(_pretrain, args)
 
 
-def _pretrain(args: argparse.Namespace, info) -> None:
+def _pretrain(args: argparse.Namespace, info: DistInfo) -> None:
     if not 0.0 <= args.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     torch.manual_seed(args.seed)
@@ -55,32 +55,20 @@ def _pretrain(args: argparse.Namespace, info) -> None:
     dataset = build_dataset(args.dataset, "train", config.img_size, config.in_chans, train=True,
                             root=args.data_path, seed=args.seed, limit=args.limit)
     loader = build_loader(dataset, args.batch_size, info, args.seed, train=True, num_workers=args.num_workers)
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
-    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-
+    eff_batch = scale_lr(args, info)
     model = MaskedAutoencoderViT(config).to(info.device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    start_epoch = 0
-    state = resume_state(args.resume, args.output_dir)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
-        if info.is_main:
-            print(f"resumed from epoch {start_epoch} of {args.epochs}", flush=True)
-    ddp = DistributedDataParallel(model) if info.enabled else model
-
+    run = start_run(model, optimizer, args, info)
     if info.is_main:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"mae-train: {args.model} ({n_params / 1e6:.2f}M params), {len(dataset)} images, "
               f"effective batch {eff_batch}, lr {args.lr:.2e}, {info.world_size} process(es) on {info.device}",
               flush=True)
-    log = MetricsLog(args.output_dir / "metrics.jsonl", info.is_main)
+    log = MetricsLog(args.output_dir / "metrics.jsonl", enabled=info.is_main)
     preview_imgs = _preview_images(args, config) if args.preview and info.is_main else None
+    data = {"dataset": args.dataset, "mean": list(dataset.mean), "std": list(dataset.std),
+            "labels": list(dataset.labels), "train_images": len(dataset)}
 
     def step_fn(batch, net, step: int) -> torch.Tensor:
         imgs = batch[0].to(info.device, non_blocking=True)
@@ -89,33 +77,19 @@ def _pretrain(args: argparse.Namespace, info) -> None:
         return loss
 
     def on_epoch_end(epoch: int, loss: float) -> None:
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "scaler": scaler.state_dict() if scaler else None, "args": _jsonable(vars(args)),
-            "config": config.to_dict(), "kind": "mae",
-            "data": {"dataset": args.dataset, "mean": list(dataset.mean), "std": list(dataset.std),
-                     "labels": list(dataset.labels), "train_images": len(dataset)},
-            "metrics": {"train_loss": loss, "epochs": epoch + 1},
-        }
-        last = epoch + 1 == args.epochs
-        if last or (epoch + 1) % args.save_every == 0:
-            write_checkpoint(args.output_dir, "checkpoint-last.pth", state, info)
-        if last:
-            write_checkpoint(args.output_dir, "checkpoint-final.pth", state, info)
+        ckpt = run.checkpoint(epoch=epoch, args=args, config=config, kind="mae", data=data,
+                              metrics={"train_loss": loss, "epochs": epoch + 1})
+        save_epoch(ckpt, args, info, final_copy=True)
         if preview_imgs is not None:
             reconstruction_grid(model, preview_imgs, dataset.mean, dataset.std, [args.mask_ratio],
                                 args.output_dir / f"preview-{epoch + 1:03d}.png")
             model.train()
 
     t0 = time.perf_counter()
-    train_epochs(model=ddp, optimizer=optimizer, loader=loader, args=args, info=info, start_epoch=start_epoch,
-                 step_fn=step_fn, log=log, on_epoch_end=on_epoch_end, scaler=scaler)
+    train_epochs(model=run.net, optimizer=optimizer, loader=loader, args=args, info=info, start_epoch=run.start_epoch,
+                 step_fn=step_fn, log=log, on_epoch_end=on_epoch_end, scaler=run.scaler)
     if info.is_main:
         print(f"mae-train: done in {time.perf_counter() - t0:.0f} s; checkpoint {args.output_dir / 'checkpoint-last.pth'}")
-
-
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=str))
 
 
 def _preview_images(args: argparse.Namespace, config) -> torch.Tensor:

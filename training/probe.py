@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from model import read_checkpoint, save_checkpoint
-from model.checkpoint import build_autoencoder, checkpoint_config
+from model import Checkpoint, ClassifierRecord, probe_head
 from training.cli import run_cli
-from training.data import build_dataset
+from training.common import read_pretrained, run_args
+from training.data import SeededDataset, build_dataset
 from training.optim import lr_at, set_lr
 
 POOLINGS = ("cls", "mean", "cls+mean")
@@ -32,7 +32,7 @@ POOLINGS = ("cls", "mean", "cls+mean")
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratio; no scaling or weight decay for tensors of ndim <= 1."""
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+    def __init__(self, params, *, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       trust_coefficient=trust_coefficient))
@@ -94,19 +94,12 @@ def pooled(features: Tensor, pooling: str) -> Tensor:
     return {"cls": features[:, :dim], "mean": features[:, dim:], "cls+mean": features}[pooling]
 
 
-def make_head(dim: int, num_classes: int) -> nn.Sequential:
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    return head
-
-
 def train_head(x: Tensor, y: Tensor, num_classes: int, args: argparse.Namespace, l2: float = 0.0) -> nn.Sequential:
     if args.optimizer == "lbfgs":
         return train_head_lbfgs(x, y, num_classes, l2, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    head = make_head(x.shape[1], num_classes)
+    head = probe_head(x.shape[1], num_classes)
     lr = args.blr * args.batch_size / 256
     opt = LARS(head.parameters(), lr=lr, weight_decay=args.weight_decay)
     steps = max(len(x) // args.batch_size, 1)
@@ -126,7 +119,7 @@ def train_head(x: Tensor, y: Tensor, num_classes: int, args: argparse.Namespace,
 def train_head_lbfgs(x: Tensor, y: Tensor, num_classes: int, l2: float, seed: int) -> nn.Sequential:
     """BatchNorm statistics of the whole training set, then the Linear layer by full-batch L-BFGS."""
     torch.manual_seed(seed)
-    head = make_head(x.shape[1], num_classes)
+    head = probe_head(x.shape[1], num_classes)
     bn, linear = head[0], head[1]
     bn.momentum = None  # cumulative average: one full-batch pass sets the exact mean and (unbiased) variance
     with torch.no_grad():
@@ -153,40 +146,17 @@ def top1(head: nn.Module, x: Tensor, y: Tensor) -> float:
 
 def main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    ckpt = read_checkpoint(args.checkpoint)
-    if ckpt.get("kind") == "finetune":
-        raise ValueError(f"{args.checkpoint}: a fine-tuned classifier; probe a pretrained (mae/encoder) checkpoint")
-    encoder = build_autoencoder(ckpt, args.checkpoint)
-    config = checkpoint_config(ckpt)
-    data = ckpt.get("data") or {}
-    dataset_name = args.dataset or data.get("dataset")
-    if not dataset_name:
-        raise ValueError("the checkpoint does not name its data set; pass --dataset")
+    ckpt, dataset_name = read_pretrained(args.checkpoint, args.dataset)
+    config = ckpt.config
     train = build_dataset(dataset_name, "train", config.img_size, config.in_chans, train=False,
                           root=args.data_path, limit=args.limit)
     test = build_dataset(dataset_name, "test", config.img_size, config.in_chans, train=False, root=args.data_path)
-    if args.feature_cache and args.feature_cache.is_file():
-        x_train, y_train, x_test, y_test = torch.load(args.feature_cache, weights_only=True)
-    else:
-        x_train, x_test = extract_latents(encoder, train, quiet=args.quiet), extract_latents(encoder, test, quiet=args.quiet)
-        y_train, y_test = _targets(train), _targets(test)
-        if args.feature_cache:
-            torch.save((x_train, y_train, x_test, y_test), args.feature_cache)
+    x_train, y_train, x_test, y_test = features(ckpt.autoencoder(str(args.checkpoint)), train, test, args)
     num_classes = len(train.labels)
-
     results: dict[str, float] = {}
     pooling, l2 = args.pooling, args.l2[0]
     if pooling == "best" or len(args.l2) > 1:
-        n_fit = len(x_train) - args.val_size
-        if n_fit <= 0:
-            raise ValueError(f"--val-size {args.val_size} leaves no training images")
-        candidates = [(p, c) for p in (POOLINGS if pooling == "best" else (pooling,)) for c in args.l2]
-        for p, c in candidates:
-            head = train_head(pooled(x_train[:n_fit], p), y_train[:n_fit], num_classes, args, c)
-            results[f"val_top1_{p}_l2_{c:g}"] = top1(head, pooled(x_train[n_fit:], p), y_train[n_fit:])
-            if not args.quiet:
-                print(f"  pooling {p:9s} l2 {c:g}: val top-1 {results[f'val_top1_{p}_l2_{c:g}']:.2f}%", flush=True)
-        pooling, l2 = max(candidates, key=lambda pc: results[f"val_top1_{pc[0]}_l2_{pc[1]:g}"])
+        pooling, l2, results = select_on_validation(x_train, y_train, num_classes, args)
     head = train_head(pooled(x_train, pooling), y_train, num_classes, args, l2)
     acc = top1(head, pooled(x_test, pooling), y_test)
     train_acc = top1(head, pooled(x_train, pooling), y_train)
@@ -194,17 +164,43 @@ def main(args: argparse.Namespace) -> None:
     output = args.output or Path(args.checkpoint).with_name("checkpoint-probe.pth")
     metrics = {"probe_top1": acc, "probe_train_top1": train_acc, "pooling": pooling, "optimizer": args.optimizer,
                **({"l2": l2} if args.optimizer == "lbfgs" else {}), **results}
-    save_checkpoint(output, {
-        **{k: ckpt[k] for k in ("model", "config", "data") if k in ckpt},
-        "kind": "probe", "epoch": ckpt.get("epoch"), "optimizer": None, "scaler": None,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "metrics": {**(ckpt.get("metrics") or {}), **metrics},
-        "classifier": {"head_type": "probe", "pooling": pooling, "num_classes": num_classes,
-                       "labels": list(train.labels), "metrics": metrics,
-                       "state_dict": head.state_dict()},
-    })
+    Checkpoint(
+        model=ckpt.model, config=config, kind="probe", epoch=ckpt.epoch, args=run_args(args), data=ckpt.data,
+        metrics={**ckpt.metrics, **metrics},
+        classifier=ClassifierRecord(head_type="probe", pooling=pooling, num_classes=num_classes,
+                                    labels=list(train.labels), metrics=metrics, state_dict=head.state_dict()),
+    ).save(output)
     print(f"mae-probe: {pooling} features, test top-1 {acc:.2f}% (train {train_acc:.2f}%), "
           f"{time.perf_counter() - t0:.0f} s; wrote {output}")
+
+
+def features(encoder: nn.Module, train: SeededDataset, test: SeededDataset, args: argparse.Namespace
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_train, y_train, x_test, y_test): from `--feature-cache` when it exists, else extracted (and cached)."""
+    if args.feature_cache and args.feature_cache.is_file():
+        return tuple(torch.load(args.feature_cache, weights_only=True))
+    x_train, x_test = extract_latents(encoder, train, quiet=args.quiet), extract_latents(encoder, test, quiet=args.quiet)
+    y_train, y_test = _targets(train), _targets(test)
+    if args.feature_cache:
+        torch.save((x_train, y_train, x_test, y_test), args.feature_cache)
+    return x_train, y_train, x_test, y_test
+
+
+def select_on_validation(x: Tensor, y: Tensor, num_classes: int, args: argparse.Namespace
+                         ) -> tuple[str, float, dict[str, float]]:
+    """(pooling, L2 strength, validation top-1 per candidate) on `--val-size` images held out of training."""
+    n_fit = len(x) - args.val_size
+    if n_fit <= 0:
+        raise ValueError(f"--val-size {args.val_size} leaves no training images")
+    results: dict[str, float] = {}
+    candidates = [(p, c) for p in (POOLINGS if args.pooling == "best" else (args.pooling,)) for c in args.l2]
+    for p, c in candidates:
+        head = train_head(pooled(x[:n_fit], p), y[:n_fit], num_classes, args, c)
+        results[f"val_top1_{p}_l2_{c:g}"] = top1(head, pooled(x[n_fit:], p), y[n_fit:])
+        if not args.quiet:
+            print(f"  pooling {p:9s} l2 {c:g}: val top-1 {results[f'val_top1_{p}_l2_{c:g}']:.2f}%", flush=True)
+    pooling, l2 = max(candidates, key=lambda pc: results[f"val_top1_{pc[0]}_l2_{pc[1]:g}"])
+    return pooling, l2, results
 
 
 def _targets(dataset) -> Tensor:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model import EncoderOnlyMAE, MAEConfig, MaskedAutoencoderViT, ViTClassifier, get_config, load_checkpoint
-from model.checkpoint import load_classifier, read_checkpoint
+from model.checkpoint import Checkpoint, load_classifier
 from model.importers import cli, import_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,10 +50,12 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 
 def _convert(src: Path, out: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, Any]:
+    """mae-import SRC --out OUT; the file it wrote, as on disk (the official layout), checked to load."""
     code, stdout, stderr = _run([str(src), "--out", str(out), *flags], capsys)
     assert code == 0, stderr
     assert str(out) in stdout
-    return read_checkpoint(out)
+    Checkpoint.load(out)
+    return torch.load(out, weights_only=True)
 
 
 # --- Hugging Face ----------------------------------------------------------------------------------
@@ -346,8 +348,7 @@ def test_unusable_files(official: MaskedAutoencoderViT, tmp_path: Path, capsys: 
                          "mae_vit_base_patch16"], capsys)
     assert code == 2 and "config 'mae_vit_base_patch16' disagrees with the weights" in err
 
-    project = import_checkpoint(tmp_path / "src.pth")
-    torch.save(project, tmp_path / "ours.pth")
+    import_checkpoint(tmp_path / "src.pth").save(tmp_path / "ours.pth")
     code, _, err = _run([str(tmp_path / "ours.pth"), "--out", str(tmp_path / "x.pth")], capsys)
     assert code == 2 and "already a checkpoint of this project" in err
     assert not (tmp_path / "x.pth").exists()

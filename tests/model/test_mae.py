@@ -191,7 +191,7 @@ def test_layer_norm_eps_is_configurable() -> None:
     config = get_config("mae_vit_test", layer_norm_eps=1e-12)
     for module, count in ((MaskedAutoencoderViT(config), 2 * 2 + 1 + 2 * 1 + 1),
                           (EncoderOnlyMAE(config), 2 * 2 + 1),
-                          (ViTClassifier(config, 10), 2 * 2 + 1)):  # finetune: norm replaced by fc_norm
+                          (ViTClassifier(config, num_classes=10), 2 * 2 + 1)):  # finetune: norm replaced by fc_norm
         norms = [m for m in module.modules() if isinstance(m, nn.LayerNorm)]
         assert len(norms) == count
         assert {m.eps for m in norms} == {1e-12}

@@ -10,7 +10,7 @@ import pytest
 from service_helpers import ROOT, make_client
 
 from benchmarks.knn_retrieval import weighted_knn
-from service.model_dir import load_model_dir
+from model_dir.schema import load_model_dir
 from service.settings import BUNDLED_MODEL_DIR
 
 FIXTURE = ROOT / "tests" / "fixtures" / "fmnist"

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from service_helpers import encode, gradient
 
+from model_dir.schema import Preprocessing
 from service.imaging import (
     ImageRejected,
     ImageTooLarge,
@@ -20,7 +21,6 @@ from service.imaging import (
     open_image,
     resize_and_crop,
 )
-from service.model_dir import Preprocessing
 
 GRAY = Preprocessing(resize=28, crop=28, channels="L", mean=[0.286], std=[0.353])
 RGB = Preprocessing(resize=32, crop=24, channels="RGB", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])

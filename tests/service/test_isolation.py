@@ -36,3 +36,13 @@ def test_no_source_file_under_service_imports_torch() -> None:
     forbidden = re.compile(r"^\s*(import|from)\s+(torch|torchvision|model|training)\b", re.MULTILINE)
     for path in (ROOT / "service").rglob("*.py"):
         assert not forbidden.search(path.read_text()), path
+
+
+def test_model_dir_package_imports_neither_side() -> None:
+    """The model-directory package sits between the exporter and the server: torch-, onnx-, service-free."""
+    forbidden = re.compile(r"^\s*(import|from)\s+(torch|torchvision|onnx|onnxruntime|model|training|service)\b",
+                           re.MULTILINE)
+    sources = list((ROOT / "model_dir").rglob("*.py"))
+    assert sources
+    for path in sources:
+        assert not forbidden.search(path.read_text()), path

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from model_dir.reconstruction import patchify, reconstruct, unpatchify
+from model_dir.schema import Preprocessing
 from service.masking import len_keep, random_masking
-from service.model_dir import Preprocessing
-from service.reconstruction import patchify, reconstruct, unpatchify
 
 torch = pytest.importorskip("torch")
 

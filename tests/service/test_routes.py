@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from service_helpers import encode, gradient, make_client, metric, sample_png
 
-from service.model_dir import ModelDirError
+from model_dir.schema import ModelDirError
 from service.runtime import RuntimeConfigError
 from service.settings import Settings
 
@@ -73,8 +73,8 @@ def test_embed_matches_the_onnx_encoder(client: TestClient, tiny_model_dir: Path
     """The server's embedding is the encoder's mean-pooled latent of the preprocessed image."""
     import onnxruntime as ort
 
+    from model_dir.schema import load_model_dir
     from service.imaging import load_model_image
-    from service.model_dir import load_model_dir
 
     png = sample_png("coat")
     md = load_model_dir(tiny_model_dir)
@@ -205,14 +205,15 @@ def test_reconstruct_seed_is_random_when_absent_and_returned(client: TestClient)
 
 def test_reconstruct_pixel_target_model_has_no_leak(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """A model trained on plain pixels (norm_pix_loss false) reports no use of the target's statistics."""
-    torch = pytest.importorskip("torch")
-    from model import load_checkpoint, save_checkpoint
+    pytest.importorskip("torch")
+    from dataclasses import replace
+
+    from model import Checkpoint, load_checkpoint
     from training.export import export_model_dir
 
-    ckpt = torch.load(tiny_checkpoint, weights_only=True)
-    ckpt["config"] = {**ckpt["config"], "norm_pix_loss": False}
+    ckpt = Checkpoint.load(tiny_checkpoint)
     path = tmp_path / "pixels.pth"
-    save_checkpoint(path, ckpt)
+    replace(ckpt, config=replace(ckpt.config, norm_pix_loss=False)).save(path)
     assert load_checkpoint(path) is not None
     out = export_model_dir(path, tmp_path / "pixels", precisions=("fp32",), name="pixels", log=lambda _: None)
     with make_client(out) as c:
@@ -387,7 +388,7 @@ def test_bad_model_directories_refuse_to_start(tiny_model_dir: Path, tmp_path: P
 
 
 def test_a_batch_that_runs_alone_uses_the_all_core_sessions_with_the_same_results(tiny_model_dir: Path) -> None:
-    from service.model_dir import load_model_dir
+    from model_dir.schema import load_model_dir
     from service.runtime import Runtime
 
     runtime = Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=1, lone_threads=2)
@@ -407,7 +408,7 @@ def test_auto_device_uses_cuda_only_when_the_session_gets_it(tiny_model_dir: Pat
 
     real = ort.get_available_providers()
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
-    from service.model_dir import load_model_dir
+    from model_dir.schema import load_model_dir
     from service.runtime import Runtime
 
     runtime = Runtime(load_model_dir(tiny_model_dir), device="auto")

@@ -17,8 +17,8 @@ import pytest
 from onnx import numpy_helper
 from service_helpers import make_client, sample_png
 
+from model_dir.schema import MODEL_JSON, sha256_file
 from service.app import create_app
-from service.model_dir import MODEL_JSON, sha256_file
 from service.runtime import RuntimeConfigError
 from service.settings import Settings
 
@@ -79,7 +79,7 @@ def test_a_degraded_int8_graph_stops_the_server_when_asked(degraded_dir: Path) -
 
 
 def test_a_tampered_self_check_file_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from service.model_dir import ModelDirError
+    from model_dir.schema import ModelDirError
 
     out = Path(shutil.copytree(tiny_model_dir, tmp_path / "tampered"))
     data = bytearray((out / "selfcheck.npz").read_bytes())

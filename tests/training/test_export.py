@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from model import MaskedAutoencoderViT, load_checkpoint, load_classifier, read_checkpoint, save_checkpoint
-from service import self_check
-from service.model_dir import MODEL_JSON, ModelDirError, check_session_io, load_model_dir, sha256_file
-from training import export, variants
-from training.export import export_model_dir
-from training.variants import ExportVerificationError
+from model import Checkpoint, MaskedAutoencoderViT, load_checkpoint, load_classifier
+from model_dir import self_check
+from model_dir.schema import MODEL_JSON, ModelDirError, check_session_io, load_model_dir, sha256_file
+from training import export, graphs, variants, verification
+from training.export import derive_variants, export_model_dir
+from training.verification import ExportVerificationError
 
 FIXTURE_IMAGES = sorted((Path(__file__).parents[1] / "fixtures" / "fmnist").glob("test_*.png"))[:8]
 L = 49  # patches of mae_vit_test (28 / 4 squared)
@@ -198,20 +198,28 @@ def test_loader_refuses_an_invalid_model_json(model_dir_copy, content, problem) 
         load_model_dir(model_dir_copy)
 
 
+def test_an_older_model_json_naming_the_interpolation_still_loads(model_dir_copy) -> None:
+    assert "interpolation" not in json.loads((model_dir_copy / MODEL_JSON).read_text())["preprocessing"]
+    _rewrite(model_dir_copy, lambda raw: raw["preprocessing"].update(interpolation="bicubic"))
+    assert load_model_dir(model_dir_copy).spec.preprocessing.resize == 28
+    _rewrite(model_dir_copy, lambda raw: raw["preprocessing"].update(interpolation="bilinear"))
+    with pytest.raises(ModelDirError, match=r"preprocessing\.interpolation: Extra inputs"):
+        load_model_dir(model_dir_copy)
+
+
 @pytest.fixture()
 def encoder_only_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     """The tiny MAE without its decoder and head, and without training data facts (as an imported file)."""
-    ckpt = read_checkpoint(tiny_checkpoint)
-    sd = {k: v for k, v in ckpt["model"].items() if not k.startswith(("decoder", "mask_token"))}
+    ckpt = Checkpoint.load(tiny_checkpoint)
     path = tmp_path / "encoder.pth"
-    save_checkpoint(path, {"model": sd, "config": ckpt["config"], "kind": "encoder"})
+    Checkpoint(model=ckpt.encoder_state_dict(), config=ckpt.config, kind="encoder").save(path)
     return path
 
 
 def test_external_data_export_loads(encoder_only_checkpoint, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)  # as for a ViT-H over protobuf's 2 GiB
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 0)  # as for a ViT-H over protobuf's 2 GiB
     monkeypatch.setattr(variants, "EXTERNAL_DATA_BYTES", 0)
-    monkeypatch.setattr(variants, "VERIFY_BATCHES", (2,))
+    monkeypatch.setattr(verification, "VERIFY_BATCHES", (2,))
     out = export_model_dir(encoder_only_checkpoint, tmp_path / "out", log=lambda _: None)
     model_dir = load_model_dir(out)
     assert not model_dir.has("decoder") and not model_dir.has("classifier") and model_dir.spec.labels is None
@@ -225,7 +233,7 @@ def test_external_data_export_loads(encoder_only_checkpoint, tmp_path, monkeypat
 
 def test_failed_verification_leaves_no_directory(encoder_only_checkpoint, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(self_check, "FP32_MAX_ABS_DIFF", 0.0)  # ORT is never bit-exact with torch
-    monkeypatch.setattr(variants, "VERIFY_BATCHES", (2,))
+    monkeypatch.setattr(verification, "VERIFY_BATCHES", (2,))
     with pytest.raises(ExportVerificationError, match=r"verification cases failed"):
         export_model_dir(encoder_only_checkpoint, tmp_path / "out", log=lambda _: None)
     assert list(tmp_path.iterdir()) == [encoder_only_checkpoint]
@@ -235,7 +243,7 @@ def test_a_failed_export_keeps_the_previous_model_directory(encoder_only_checkpo
                                                              monkeypatch) -> None:
     before = sha256_file(model_dir_copy / MODEL_JSON)
     monkeypatch.setattr(self_check, "FP32_MAX_ABS_DIFF", 0.0)
-    monkeypatch.setattr(variants, "VERIFY_BATCHES", (2,))
+    monkeypatch.setattr(verification, "VERIFY_BATCHES", (2,))
     with pytest.raises(ExportVerificationError):
         export_model_dir(encoder_only_checkpoint, model_dir_copy, log=lambda _: None)
     assert sha256_file(model_dir_copy / MODEL_JSON) == before
@@ -259,8 +267,6 @@ def test_cli_exits_2_on_bad_input(tiny_checkpoint, tmp_path, capsys, argv) -> No
 
 def test_variants_derived_from_a_model_directory(tiny_model_dir, tmp_path) -> None:
     """mae-export --from-model-dir: int8 added without the checkpoint, the fp32 graphs as the reference."""
-    from training.variants import derive_variants
-
     out = derive_variants(tiny_model_dir, tmp_path / "derived", ["int8"], real_pixels(tiny_model_dir).numpy(),
                           log=lambda _: None)
     spec = load_model_dir(out).spec

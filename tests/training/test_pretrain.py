@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import run_killed_after_first_epoch, step_losses
 
-from model import load_checkpoint, read_checkpoint
+from model import Checkpoint, load_checkpoint
 from training import pretrain
 from training.data import FASHION_MNIST_DIR
 
@@ -21,33 +21,14 @@ SMALL = ["--model", "mae_vit_test", "--limit", "64", "--batch-size", "16", "--wa
          "--log-every", "1", "--no-preview", "--quiet", "--seed", "3"]
 
 
-def step_losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
-
-
-class Interrupted(Exception):
-    pass
-
-
 @needs_fmnist
 def test_resume_gives_the_loss_of_an_uninterrupted_run(tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(straight)])
 
     # The same run, killed right after epoch 1's checkpoint, then resumed with --resume auto.
-    real_loop = pretrain.train_epochs
-
-    def killed_after_first_epoch(**kw):
-        def on_epoch_end(epoch, loss, inner=kw["on_epoch_end"]):
-            inner(epoch, loss)
-            raise Interrupted
-        return real_loop(**{**kw, "on_epoch_end": on_epoch_end})
-
-    monkeypatch.setattr(pretrain, "train_epochs", killed_after_first_epoch)
-    with pytest.raises(Interrupted):
-        pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(stopped)])
-    monkeypatch.setattr(pretrain, "train_epochs", real_loop)
-    assert read_checkpoint(stopped / "checkpoint-last.pth")["epoch"] == 0
+    run_killed_after_first_epoch(pretrain, [*SMALL, "--epochs", "2", "--output-dir", str(stopped)], monkeypatch)
+    assert Checkpoint.load(stopped / "checkpoint-last.pth").epoch == 0
     pretrain.cli([*SMALL, "--epochs", "2", "--output-dir", str(stopped), "--resume", "auto"])
 
     straight_losses, resumed_losses = step_losses(straight), step_losses(stopped)
@@ -65,10 +46,15 @@ def test_loss_falls_and_checkpoint_and_preview_are_written(tmp_path):
                   "--output-dir", str(tmp_path)])
     losses = step_losses(tmp_path)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05
-    assert (tmp_path / "preview-003.png").stat().st_size > 0
-    ckpt = read_checkpoint(tmp_path / "checkpoint-final.pth")
-    assert ckpt["kind"] == "mae" and ckpt["data"]["dataset"] == "fashion-mnist" and len(ckpt["data"]["labels"]) == 10
-    assert set(ckpt) >= {"model", "optimizer", "epoch", "scaler", "args", "config"}
+    from PIL import Image
+
+    with Image.open(tmp_path / "preview-003.png") as preview:  # the server's panel: 8 rows of 4 pictures, 140 px
+        assert preview.size == (60 + 4 * 140 + 3 * 4, 8 * 140 + 7 * 4)  # (+ 60 px for the ratio's label)
+    raw = torch.load(tmp_path / "checkpoint-final.pth", weights_only=True)  # the official layout on disk
+    assert set(raw) >= {"model", "optimizer", "epoch", "scaler", "args", "config"}
+    ckpt = Checkpoint.load(tmp_path / "checkpoint-final.pth")
+    assert ckpt.kind == "mae" and ckpt.data["dataset"] == "fashion-mnist" and len(ckpt.data["labels"]) == 10
+    assert ckpt.args["epochs"] == 3 and ckpt.args["output_dir"] == str(tmp_path)  # numbers stay numbers
 
 
 @needs_fmnist
@@ -134,7 +120,7 @@ def test_imagefolder_pretraining_exports_with_its_own_normalization(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from service.model_dir import load_model_dir
+    from model_dir.schema import load_model_dir
     from training.export import export_model_dir
 
     rng = np.random.default_rng(0)
@@ -147,9 +133,9 @@ def test_imagefolder_pretraining_exports_with_its_own_normalization(tmp_path):
     run = tmp_path / "run"
     pretrain.cli(["--model", "mae_vit_test", "--dataset", "imagefolder", "--data-path", str(tmp_path / "data"),
                   "--batch-size", "8", "--epochs", "1", "--no-preview", "--quiet", "--output-dir", str(run)])
-    ckpt = read_checkpoint(run / "checkpoint-final.pth")
-    assert ckpt["data"]["labels"] == ["boots", "shirts"]
-    assert (ckpt["data"]["mean"], ckpt["data"]["std"]) == ([0.5], [0.5])
+    ckpt = Checkpoint.load(run / "checkpoint-final.pth")
+    assert ckpt.data["labels"] == ["boots", "shirts"]
+    assert (ckpt.data["mean"], ckpt.data["std"]) == ([0.5], [0.5])
     export_model_dir(run / "checkpoint-final.pth", tmp_path / "model", precisions=("fp32",), name="folder")
     prep = load_model_dir(tmp_path / "model").spec.preprocessing
     assert (prep.channels, list(prep.mean), list(prep.std)) == ("L", [0.5], [0.5])

@@ -66,7 +66,7 @@ def cpu_features() -> dict[str, object]:
     return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckResult:
     """One graph variant against the stored reference: the worst case over the stored inputs."""
 
@@ -94,7 +94,8 @@ def load(path: Path) -> dict[str, np.ndarray]:
 def _worst(graph: str, precision: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> CheckResult:
     max_abs = max(float(np.abs(out - ref).max()) for ref, out in pairs)
     cosine = min(float(cosine_per_image(ref, out).min()) for ref, out in pairs)
-    return CheckResult(graph, precision, max_abs, cosine, passes(graph, precision, max_abs, cosine))
+    return CheckResult(graph=graph, precision=precision, max_abs_diff=max_abs, cosine=cosine,
+                       passed=passes(graph, precision, max_abs, cosine))
 
 
 def check_encoder(arrays: Mapping[str, np.ndarray], precision: str, run: RunGraph) -> CheckResult:

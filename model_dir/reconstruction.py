@@ -1,4 +1,6 @@
-"""From the decoder's `pred` back to pictures: patchify in numpy, undo the target normalization, score, composite.
+"""From the decoder's `pred` back to pictures: patchify in numpy, undo the target normalization, score, composite;
+and the reconstruction panel (original | masked | reconstruction | pasted per row) the server's `/reconstruct`
+returns and the model card shows.
 
 `pred` lives in the space of the training target: normalized pixels, or, for `norm_pix_loss` models,
 per-patch standardized normalized pixels. Turning the latter back into pixels needs each patch's
@@ -12,10 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.model_dir import Preprocessing
+from model_dir.schema import Preprocessing
 
 NORM_PIX_EPS = 1e-6  # as in the training loss: (target - mean) / sqrt(var + eps)
 MASKED_GRAY = 0.5  # value painted over removed patches in the "masked" picture
+PANEL_GAP = 4  # pixels of white between the pictures of a panel
+PANEL_MIN_SIDE = 128  # small model inputs (28x28) are enlarged, nearest neighbour, to at least this
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,32 @@ def reconstruct(rgb: np.ndarray, pred: np.ndarray, mask: np.ndarray, prep: Prepr
     mse_pixels = float(((reconstruction - original) ** 2)[pixel_mask.astype(bool)].mean()) if removed.any() else None
     return Reconstruction(original=original, masked=masked, reconstruction=reconstruction, pasted=pasted,
                           mse_masked=mse_masked, mse_masked_pixels=mse_pixels)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [C, H, W] in [0, 1] -> uint8 [H, W, C]."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def enlarge(rgb: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour enlargement of small images to at least PANEL_MIN_SIDE pixels (integer factor)."""
+    factor = max(1, -(-PANEL_MIN_SIDE // max(rgb.shape[:2])))
+    return rgb.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def panel_row(r: Reconstruction) -> list[np.ndarray]:
+    """One row of the reconstruction panel: the four pictures as uint8 [H, W, C], enlarged when small."""
+    return [enlarge(to_uint8(x)) for x in (r.original, r.masked, r.reconstruction, r.pasted)]
+
+
+def panel(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """Rows of equally sized uint8 [H, W, C] images -> one grid image, white gaps between cells."""
+    height, width, channels = rows[0][0].shape
+    cols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (height + PANEL_GAP) - PANEL_GAP, cols * (width + PANEL_GAP) - PANEL_GAP, channels),
+                  255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            top, left = i * (height + PANEL_GAP), j * (width + PANEL_GAP)
+            out[top:top + height, left:left + width] = cell
+    return out

@@ -1,7 +1,7 @@
 """The model directory: the one definition of the `model.json` schema, and the loader that checks a directory.
 
-The exporter (`training/export.py`) writes a directory with `write_model_json` and `make_file_spec`;
-the server reads it with `load_model_dir` and, once it has ONNX Runtime sessions, checks each one
+The exporter (`training/`) writes a directory with `write_model_json` and `make_file_spec`;
+the server (`service/`) reads it with `load_model_dir` and, once it has ONNX Runtime sessions, checks each one
 against its declaration with `check_session_io`. Torch-free and onnx-free on purpose.
 """
 
@@ -117,10 +117,17 @@ class Preprocessing(_Strict):
 
     resize: int = Field(gt=0)
     crop: int = Field(gt=0)
-    interpolation: Literal["bicubic"] = "bicubic"
     channels: Literal["L", "RGB"]
     mean: list[float]
     std: list[float]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_interpolation(cls, data: Any) -> Any:
+        """Older directories name `interpolation: bicubic`, the only resampling the server has: accepted, not kept."""
+        if isinstance(data, dict) and data.get("interpolation") == "bicubic":
+            return {k: v for k, v in data.items() if k != "interpolation"}
+        return data
 
     @model_validator(mode="after")
     def _per_channel(self) -> Preprocessing:
