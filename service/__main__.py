@@ -17,9 +17,9 @@ import uvicorn
 from pydantic import ValidationError
 
 from service import __version__
+from service.engine import RuntimeConfigError
 from service.metrics import MULTIPROC_DIR_ENV
 from service.model_dir import ModelDirError, load_model_dir
-from service.runtime import RuntimeConfigError
 from service.settings import Settings
 
 

@@ -61,6 +61,7 @@ from training.variants import (
     verify,
     write_self_check,
 )
+from training.weights import write_weights
 
 DEFAULT_OPSET = 20  # attention stays decomposed (fusable by ORT); Attention-23 is not on every EP yet
 OPSETS = range(18, 23)
@@ -322,6 +323,7 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
             verification=verification(rows),
             self_check=write_self_check(tmp, reference, "torch", set(graphs), shape, config.num_patches,
                                         None if real_images is None else real_images.numpy()),
+            weights=write_weights(tmp, {"autoencoder": mae, "classifier": classifier}),
         )
         publish(tmp, out, model_json, sessions)
     except BaseException:
