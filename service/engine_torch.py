@@ -26,13 +26,12 @@ from model.mae import EncoderOnlyMAE, MaskedAutoencoderViT, ViTClassifier
 from service import self_check
 from service.engine import Engine, RunObserver, RuntimeConfigError
 from service.model_dir import ModelDir
-from training.weights import recover_state_dict, split_weights
+from training.weights import recover_weights, split_weights
 
 log = logging.getLogger("service.engine_torch")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RECOVERY_MAX_ABS_DIFF = self_check.FP32_MAX_ABS_DIFF  # recovered weights against their own fp32 graph
-DECODER_KEYS = ("decoder_", "mask_token")
 
 
 def _device(requested: str) -> torch.device:
@@ -63,21 +62,13 @@ def load_weights(model_dir: ModelDir, modules: dict[str, nn.Module]) -> str:
     """Load every module's weights (strict); returns where they came from."""
     if model_dir.spec.weights is not None:
         tensors = load_file(str(model_dir.root / model_dir.spec.weights.path))
-        for role, module in modules.items():
-            module.load_state_dict(split_weights(tensors, role), strict=True)
-        return model_dir.spec.weights.path
-    mae = modules["autoencoder"]
-    template = mae.state_dict()
-    state = recover_state_dict(model_dir.path("encoder"), {k: v for k, v in template.items()
-                                                            if not k.startswith(DECODER_KEYS)}, "mae.")
-    if model_dir.has("decoder"):
-        state |= recover_state_dict(model_dir.path("decoder"), {k: v for k, v in template.items()
-                                                                 if k.startswith(DECODER_KEYS)}, "mae.")
-    mae.load_state_dict(state, strict=True)
-    if "classifier" in modules:
-        modules["classifier"].load_state_dict(
-            recover_state_dict(model_dir.path("classifier"), modules["classifier"].state_dict(), ""), strict=True)
-    return "recovered from the fp32 ONNX graphs"
+        state = {role: split_weights(tensors, role) for role in modules}
+        source = model_dir.spec.weights.path
+    else:
+        state, source = recover_weights(model_dir, modules), "recovered from the fp32 ONNX graphs"
+    for role, module in modules.items():
+        module.load_state_dict(state[role], strict=True)
+    return source
 
 
 class TorchEngine(Engine):

@@ -53,7 +53,7 @@ def _service_settings() -> set[str] | None:
 
 # Known names: the server's own when it imports, else the design's plus a copy of what it added.
 MAE_SETTINGS = _service_settings() or DESIGN_SETTINGS | {
-    "MAE_WORKERS", "MAE_LOG_LEVEL", "MAE_INTRA_OP_THREADS", "MAE_INTER_OP_THREADS", "MAE_ORT_SPINNING",
+    "MAE_WORKERS", "MAE_LOG_LEVEL", "MAE_INTRA_OP_THREADS", "MAE_ORT_SPINNING", "MAE_ENGINE", "MAE_TORCH_COMPILE",
     "MAE_VERIFY_HASHES", "MAE_QUEUE_FULL_STATUS", "MAE_DECODE_THREADS", "MAE_GRACEFUL_SHUTDOWN_S", "MAE_OPENTELEMETRY",
     "MAE_LONE_BATCH_ALL_CORES",
 }
