@@ -4,7 +4,8 @@ Imported only when `MAE_ENGINE=torch` (the `torch` extra). Weights come from the
 `weights.safetensors` (hashed in model.json, checked at load) or, for a directory without it, are
 recovered from the fp32 ONNX graphs and checked against those graphs' outputs before serving. On CUDA,
 bf16 or fp16 run under autocast, attention through SDPA (the model's own kernel); `torch_compile`
-compiles the three calls. The stored self-check runs on this engine as on ONNX Runtime.
+compiles the three calls (at warm-up; the startup checks run them eager). The stored self-check runs
+on this engine as on ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ class TorchEngine(Engine):
             calls["decoder"] = mae.forward_decoder
         if "classifier" in modules:
             calls["classifier"] = modules["classifier"]
+        # The startup checks run the eager calls (compiling every checked shape would take minutes on a CPU);
+        # the compiled ones, the same computation, compile at warm-up.
+        self.eager = calls
         self.graphs = {g: torch.compile(f) if compile else f for g, f in calls.items()}
         if model_dir.spec.weights is None:
             self._check_against_onnx()
@@ -115,15 +119,15 @@ class TorchEngine(Engine):
                                                     enabled=self.dtype != torch.float32):
             yield
 
-    def _call(self, graph: str, *arrays: np.ndarray) -> np.ndarray:
+    def _call(self, calls: dict[str, Callable[..., Tensor]], graph: str, *arrays: np.ndarray) -> np.ndarray:
         with self._autocast():
             tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.torch_device, non_blocking=True)
                        for a in arrays]
-            return self.graphs[graph](*tensors).float().cpu().numpy()
+            return calls[graph](*tensors).float().cpu().numpy()
 
     def _run(self, graph: str, *arrays: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        out = self._call(graph, *arrays)
+        out = self._call(self.graphs, graph, *arrays)
         if self.on_run:
             self.on_run(graph, len(arrays[0]), time.perf_counter() - start)
         return out
@@ -138,7 +142,7 @@ class TorchEngine(Engine):
         return self._run("classifier", pixels)
 
     def _feeds_run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self._call(graph, *feeds.values())
+        return self._call(self.eager, graph, *feeds.values())
 
     def _check_against_onnx(self) -> None:
         """Recovered weights, in fp32, against the fp32 graphs they came from (ONNX Runtime on the CPU)."""

@@ -164,3 +164,18 @@ def test_the_onnxruntime_engine_never_imports_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2], check=True).stdout.strip().splitlines()[-1]
     assert out == "[] False"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_torch_engine_agrees_with_onnxruntime() -> None:
+    """torch.compile (inductor; needs a C++ compiler on a CPU): the same outputs after warm-up, at new batch sizes too."""
+    directory = load_model_dir(BUNDLED_MODEL_DIR)
+    compiled, reference = TorchEngine(directory, device="cpu", compile=True), Runtime(directory, device="cpu")
+    compiled.warm_up()
+    assert compiled.describe()["compiled"] is True
+    for batch in (3, 7):
+        pixels = np.random.default_rng(batch).standard_normal((batch, 1, 28, 28)).astype(np.float32)
+        ids = reference.all_patches(batch)
+        assert np.abs(compiled.encode(pixels, ids) - reference.encode(pixels, ids)).max() <= PARITY
+        assert np.abs(compiled.classify(pixels) - reference.classify(pixels)).max() <= PARITY
