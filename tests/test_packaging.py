@@ -637,6 +637,13 @@ def test_clean_venv_cpu_install_has_no_torch(tmp_path):
     loaded = set(json.loads(out.strip().splitlines()[-1]))
     assert not loaded & {"torch", "model", "training"}, loaded & {"torch", "model", "training"}
 
+    # Asked for the torch engine without the `torch` extra, the server says what to install (no traceback).
+    done = subprocess.run([str(python), "-c", "from service.engine import open_engine; "
+                           "from service.model_dir import load_model_dir; from service.settings import Settings; "
+                           "s = Settings(engine='torch'); open_engine(load_model_dir(s.model_dir), s)"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode != 0 and "needs the torch extra" in done.stderr, done.stderr[-3000:]
+
     # The console script is there and answers without loading a model.
     serve = env_dir / ("Scripts" if os.name == "nt" else "bin") / "mae-serve"
     proc = subprocess.run([str(serve), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
