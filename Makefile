@@ -22,7 +22,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(PY)
 # Everything the tests need: torch pinned to the CPU build on this machine's disk, then the extras.
 $(VENV)/.test-installed: pyproject.toml | $(PY)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[cpu,train,dev]'
+	$(PIP) install -q -e '.[cpu,train,torch,dev]'
 	touch $@ $(VENV)/.serve-installed
 
 # Debian packages the tests use (real data, a real browser), installed when running as root with apt.

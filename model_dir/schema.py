@@ -85,6 +85,15 @@ class SelfCheckSpec(_HashedFile):
     keeps: list[int]  # the kept-patch counts K of the stored cases
 
 
+class WeightsSpec(_HashedFile):
+    """`weights.safetensors`: the torch engine's state dicts (`mae.*`: encoder and decoder, `classifier.*`).
+
+    Optional: the ONNX Runtime engine never reads it, and without it the torch engine recovers the
+    weights from the fp32 graphs."""
+
+    bytes: int = Field(ge=0)
+
+
 class Architecture(_Strict):
     img_size: int = Field(gt=0)
     patch_size: int = Field(gt=0)
@@ -192,6 +201,7 @@ class ModelJson(_Strict):
     files: dict[Graph, dict[Precision, FileSpec]]
     verification: Verification | None = None
     self_check: SelfCheckSpec | None = None
+    weights: WeightsSpec | None = None
 
     @model_validator(mode="after")
     def _graphs(self) -> ModelJson:
@@ -297,9 +307,9 @@ def load_model_dir(path: str | Path, verify_hashes: bool = True) -> ModelDir:
             _check_file(root / f.path, f.sha256, what, f.bytes, verify_hashes)
             for ext in f.external_data:
                 _check_file(root / ext.path, ext.sha256, f"external data of {f.path}", None, verify_hashes)
-    if spec.self_check is not None:
-        _check_file(root / spec.self_check.path, spec.self_check.sha256, "self-check", spec.self_check.bytes,
-                    verify_hashes)
+    for what, extra in (("self-check", spec.self_check), ("weights", spec.weights)):
+        if extra is not None:
+            _check_file(root / extra.path, extra.sha256, what, extra.bytes, verify_hashes)
     return ModelDir(root=root, spec=spec)
 
 

@@ -1,4 +1,4 @@
-"""The MAE inference service: FastAPI routes, dynamic batching and ONNX Runtime sessions (never torch)."""
+"""The MAE inference service: FastAPI routes, dynamic batching and engines (ONNX Runtime; torch only in the optional engine)."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from model_dir.schema import ModelDirError, load_model_dir
 from service import __version__
+from service.engine import RuntimeConfigError
 from service.metrics import MULTIPROC_DIR_ENV
-from service.runtime import RuntimeConfigError
 from service.settings import Settings
 
 

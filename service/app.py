@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_dir.schema import ModelDirError, load_model_dir
 from service import __version__
-from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull
+from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull, RunBatch
+from service.engine import open_engine
 from service.errors import (
     DeadlineExceeded,
     InvalidImage,
@@ -52,7 +53,6 @@ from service.metrics import Metrics
 from service.middleware import RequestContext
 from service.pipelines import MaskedImage, Pipelines
 from service.responses import JSONResponse
-from service.runtime import Runtime
 from service.schemas import (
     ClassifyJsonRequest,
     ClassifyOptions,
@@ -90,16 +90,14 @@ class Server:
                                 "pass --model-dir or set MAE_MODEL_DIR to a directory written by mae-export")
         self.model_dir = load_model_dir(settings.model_dir, verify_hashes=settings.verify_hashes)
         self.metrics = Metrics()
-        self.runtime = Runtime(self.model_dir, settings.device, settings.precision, settings.ort_threads_per_call(),
-                               settings.inter_op_threads, settings.ort_spinning, on_run=self.metrics.ort_run,
-                               lone_threads=settings.lone_batch_threads(), self_check_policy=settings.self_check)
+        self.runtime = open_engine(self.model_dir, settings, on_run=self.metrics.ort_run)
         self.pipelines = Pipelines(self.model_dir, self.runtime, settings.max_image_pixels)
         self.ready = False
         self.warmup_error: str | None = None
         self.batcher: Batcher | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
         self.metrics.info.labels(self.model_dir.spec.name, self.model_dir.spec.version, self.runtime.device,
-                                 self.runtime.sessions["encoder"].precision).set(1)
+                                 self.runtime.precision("encoder")).set(1)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -113,9 +111,9 @@ class Server:
         warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
         graphs = ", ".join(f"{g} {d['precision']} on {d['providers'][0]}"
                            for g, d in self.runtime.describe()["graphs"].items())
-        log.info("model %s %s from %s: %s; %d inference threads x %d ONNX Runtime threads per call "
+        log.info("model %s %s from %s on %s: %s; %d inference threads x %d threads per call "
                  "(a batch that runs alone: %s)", self.model_dir.spec.name, self.model_dir.spec.version,
-                 self.model_dir.root, graphs, s.inference_threads, s.ort_threads_per_call(),
+                 self.model_dir.root, self.runtime.name, graphs, s.inference_threads, s.ort_threads_per_call(),
                  f"{self.runtime.lone_threads} threads" if self.runtime.lone_threads else "the same")
         try:
             yield
@@ -134,7 +132,7 @@ class Server:
         log.info("warm-up done in %.2f s; providers in use: %s", seconds,
                  {g: d["providers"] for g, d in self.runtime.describe()["graphs"].items()})
 
-    def queue(self, key: str, run_batch: Callable[[list[Any]], list[Any]], label: str) -> BatchQueue:
+    def queue(self, key: str, run_batch: RunBatch, label: str) -> BatchQueue:
         assert self.batcher is not None, "the app's lifespan has not started"
         try:
             return self.batcher.queue(key, run_batch, label)

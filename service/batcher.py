@@ -16,12 +16,18 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
-RunBatch = Callable[[list[Any], bool], Sequence[Any]]  # (payloads, alone: no other batch running or waiting)
+
+class RunBatch(Protocol):
+    """payloads -> one result each; `alone`: no other batch running or waiting (the engine may take every core)."""
+
+    def __call__(self, payloads: list[Any], *, alone: bool) -> Sequence[Any]: ...
+
 
 
 class QueueFull(Exception):
@@ -217,7 +223,7 @@ class BatchQueue:
             alone = self.slots.free == self.slots.count - 1 and not self.pending and not self.reserved
             try:
                 results = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.run_batch, [i.payload for i in batch], alone)
+                    self.executor, partial(self.run_batch, [i.payload for i in batch], alone=alone))
             except Exception as e:  # a failed batch fails its requests, not the worker
                 for item in batch:
                     if not item.future.done():

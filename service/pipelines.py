@@ -15,9 +15,9 @@ from PIL import Image
 
 from model_dir.reconstruction import Reconstruction, enlarge, panel, reconstruct, to_uint8
 from model_dir.schema import ModelDir
+from service.engine import Engine
 from service.imaging import ModelImage, encode_png, load_model_image, read_header, to_model_image
 from service.masking import Masking
-from service.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class MaskedImage:
 class Pipelines:
     """Model-specific steps of /embed, /reconstruct and /classify."""
 
-    def __init__(self, model_dir: ModelDir, runtime: Runtime, max_image_pixels: int):
+    def __init__(self, model_dir: ModelDir, runtime: Engine, max_image_pixels: int):
         self.spec = model_dir.spec
         self.runtime = runtime
         self.max_image_pixels = max_image_pixels
@@ -51,27 +51,27 @@ class Pipelines:
         """Decode an image `header` accepted into the model's input."""
         return to_model_image(header, self.spec.preprocessing)
 
-    # -- batch functions (inference thread; `alone`: no other batch runs or waits, see Runtime) ------------
+    # -- batch functions (inference thread; `alone`: no other batch runs or waits, see Engine) ------------
 
-    def embed_batch(self, images: list[ModelImage], alone: bool = False) -> list[np.ndarray]:
+    def embed_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
         """[2, D] float32 per image: the cls token and the mean of the patch tokens of its full-image latent
         (pooled here, for the whole batch in one numpy call, rather than per request on the event loop)."""
         pixels = np.stack([i.pixels for i in images])
-        latent = self.runtime.encode(pixels, self.runtime.all_patches(len(images)), alone)
+        latent = self.runtime.encode(pixels, self.runtime.all_patches(len(images)), alone=alone)
         tokens = np.empty((len(images), 2, latent.shape[-1]), dtype=np.float32)
         tokens[:, 0] = latent[:, 0]
         np.mean(latent[:, 1:], axis=1, dtype=np.float32, out=tokens[:, 1])
         return list(tokens)
 
-    def reconstruct_batch(self, items: list[MaskedImage], alone: bool = False) -> list[np.ndarray]:
+    def reconstruct_batch(self, items: list[MaskedImage], *, alone: bool = False) -> list[np.ndarray]:
         """Decoder predictions [L, p*p*C], one per image (all items of a batch share K)."""
         pixels = np.stack([i.image.pixels for i in items])
-        latent = self.runtime.encode(pixels, np.stack([i.masking.ids_keep for i in items]), alone)
-        return list(self.runtime.decode(latent, np.stack([i.masking.ids_restore for i in items]), alone))
+        latent = self.runtime.encode(pixels, np.stack([i.masking.ids_keep for i in items]), alone=alone)
+        return list(self.runtime.decode(latent, np.stack([i.masking.ids_restore for i in items]), alone=alone))
 
-    def classify_batch(self, images: list[ModelImage], alone: bool = False) -> list[np.ndarray]:
+    def classify_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
         """Logits [num_classes], one per image."""
-        return list(self.runtime.classify(np.stack([i.pixels for i in images]), alone))
+        return list(self.runtime.classify(np.stack([i.pixels for i in images]), alone=alone))
 
     # -- results -> response values ----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions for one model directory: device and precision choice, warm-up, batched calls.
+"""The ONNX Runtime engine: sessions for one model directory, device and precision choice, batched calls.
 
 Knows nothing about queues or HTTP: it takes stacked numpy batches and returns numpy outputs.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,23 +15,15 @@ import onnxruntime as ort
 
 from model_dir import self_check
 from model_dir.schema import ModelDir, check_session_io
-from service.masking import len_keep
+from service.engine import Engine, RunObserver, RuntimeConfigError
 
 log = logging.getLogger("service.runtime")
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-WARMUP_MASK_RATIO = 0.75
-
-RunObserver = Callable[[str, int, float], None]  # (graph, batch size, seconds) after each ORT run
-
-
-class RuntimeConfigError(RuntimeError):
-    """The requested device or precision cannot be served with this ONNX Runtime build or model directory."""
 
 
 @dataclass(frozen=True)
 class GraphSession:
-    graph: str
     precision: str
     path: str
     session: ort.InferenceSession
@@ -42,13 +33,13 @@ class GraphSession:
         return self.session.get_providers()
 
 
-def _session_options(intra_op_threads: int, inter_op_threads: int, spinning: bool) -> ort.SessionOptions:
+def _session_options(intra_op_threads: int, spinning: bool) -> ort.SessionOptions:
+    """Sequential execution (ORT's default: the graphs are one chain of operators, so there is no inter-op
+    parallelism to have) on `intra_op_threads` threads (0: one per physical core)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = inter_op_threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     return options
 
 
@@ -61,23 +52,22 @@ def _provider_list(device: str, precision: str) -> list[Any]:
     return [CPU]
 
 
-class Runtime:
-    """The encoder, and the decoder and classifier when the model directory has them."""
+class Runtime(Engine):
+    """The ONNX Runtime engine: one session per graph, and a second one on every core for lone batches."""
 
-    def __init__(self, model_dir: ModelDir, device: str = "auto", precision: str = "fp32",
-                 intra_op_threads: int = 0, inter_op_threads: int = 1, spinning: bool = False,
-                 on_run: RunObserver | None = None, lone_threads: int = 0, self_check_policy: str = "fallback"):
-        self.model_dir = model_dir
-        self.arch = model_dir.spec.architecture
-        self.on_run = on_run
-        self.requested_device = device
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: ModelDir, *, device: str = "auto", precision: str = "fp32",
+                 intra_op_threads: int = 0, spinning: bool = False, on_run: RunObserver | None = None,
+                 lone_threads: int = 0, self_check_policy: str = "fallback"):
+        super().__init__(model_dir, on_run)
         if device in ("cuda", "tensorrt"):
             need = CUDA if device == "cuda" else TENSORRT
             if need not in ort.get_available_providers():
                 raise RuntimeConfigError(f"device {device} needs {need}, but this onnxruntime build has "
                                          f"{ort.get_available_providers()} (install onnxruntime-gpu)")
         # Spinning threads would take the cores that the event loop needs to parse the next requests.
-        options = _session_options(intra_op_threads, inter_op_threads, spinning)
+        options = _session_options(intra_op_threads, spinning)
         self.sessions = {graph: self._open(graph, device, precision, options)
                          for graph in ("encoder", "decoder", "classifier") if model_dir.has(graph)}
         self.self_check = self._self_check(self_check_policy, device, options)
@@ -89,7 +79,7 @@ class Runtime:
         self.lone_threads = lone_threads if self.device == "cpu" and 0 < intra_op_threads < lone_threads else 0
         self.lone_sessions: dict[str, GraphSession] = {}
         if self.lone_threads:
-            lone_options = _session_options(self.lone_threads, inter_op_threads, spinning)
+            lone_options = _session_options(self.lone_threads, spinning)
             self.lone_sessions = {graph: self._open(graph, device, s.precision, lone_options)
                                   for graph, s in self.sessions.items()}
 
@@ -110,7 +100,7 @@ class Runtime:
         if device == "auto" and CUDA in ort.get_available_providers() and CUDA not in got:
             log.warning("%s: CUDA is listed but the session did not get it; running on %s", path, got)
         check_session_io(spec, session)
-        return GraphSession(graph=graph, precision=chosen, path=path, session=session)
+        return GraphSession(precision=chosen, path=path, session=session)
 
     def _self_check(self, policy: str, device: str, options: ort.SessionOptions) -> dict[str, Any] | None:
         """Run the loaded graphs on the directory's self-check; replace (or refuse) a variant below its gate."""
@@ -124,7 +114,7 @@ class Runtime:
         cpu = self_check.cpu_features()
         fell_back: list[dict[str, Any]] = []
         while True:
-            results = self._check_loaded(arrays)
+            results = self.run_self_checks(arrays, self._run_loaded)
             failed = [(r, self._culprit(r)) for r in results if not r.passed]
             # One replacement per round, in the order encoder, chain, classifier: an encoder that fell back
             # may be all the chain needed. fp32 failures are reported once nothing is left to replace.
@@ -156,17 +146,8 @@ class Runtime:
         return (f"self-check: {file} fails its gate on this CPU ({cpu['model']}; flags {flags}): "
                 f"{r.graph} {r.precision} {limit} against the {reference} reference")
 
-    def _check_loaded(self, arrays: dict[str, np.ndarray]) -> list[self_check.CheckResult]:
-        def run(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-            return self.sessions[graph].session.run(None, feeds)[0]
-
-        results = [self_check.check_encoder(arrays, self.sessions["encoder"].precision, run)]
-        if self.has("decoder") and self_check.keeps(arrays) and f"pred_{self_check.keeps(arrays)[0]}" in arrays:
-            reduced = [self.sessions[g].precision for g in ("decoder", "encoder") if self.sessions[g].precision != "fp32"]
-            results.append(self_check.check_chain(arrays, (reduced or ["fp32"])[0], run))
-        if self.has("classifier") and "logits" in arrays:
-            results.append(self_check.check_classifier(arrays, self.sessions["classifier"].precision, run))
-        return results
+    def _run_loaded(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.sessions[graph].session.run(None, feeds)[0]
 
     def _culprit(self, result: self_check.CheckResult) -> str | None:
         """The reduced-precision graph behind a failed check (the decoder first, for the chain), or None."""
@@ -175,6 +156,9 @@ class Runtime:
 
     def has(self, graph: str) -> bool:
         return graph in self.sessions
+
+    def precision(self, graph: str) -> str:
+        return self.sessions[graph].precision
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray], alone: bool) -> np.ndarray:
         """One session run; `alone` (the batch runs alone): on the all-core session when there is one."""
@@ -185,38 +169,19 @@ class Runtime:
             self.on_run(graph, len(next(iter(feeds.values()))), time.perf_counter() - start)
         return out
 
-    def encode(self, pixels: np.ndarray, ids_keep: np.ndarray, alone: bool = False) -> np.ndarray:
-        """pixels [B, C, H, W] float32, ids_keep [B, K] int64 -> latent [B, 1+K, D]."""
+    def encode(self, pixels: np.ndarray, ids_keep: np.ndarray, *, alone: bool = False) -> np.ndarray:
         return self._run("encoder", {"pixels": pixels, "ids_keep": ids_keep}, alone)
 
-    def decode(self, latent: np.ndarray, ids_restore: np.ndarray, alone: bool = False) -> np.ndarray:
-        """latent [B, 1+K, D], ids_restore [B, L] int64 -> pred [B, L, p*p*C]."""
+    def decode(self, latent: np.ndarray, ids_restore: np.ndarray, *, alone: bool = False) -> np.ndarray:
         return self._run("decoder", {"latent": latent, "ids_restore": ids_restore}, alone)
 
-    def classify(self, pixels: np.ndarray, alone: bool = False) -> np.ndarray:
-        """pixels [B, C, H, W] -> logits [B, num_classes]."""
+    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
         return self._run("classifier", {"pixels": pixels}, alone)
-
-    def all_patches(self, batch: int) -> np.ndarray:
-        """ids_keep [B, L] that keeps every patch (the full-image embedding)."""
-        return np.tile(np.arange(self.arch.num_patches, dtype=np.int64), (batch, 1))
-
-    def warm_up(self) -> None:
-        """One inference per graph and session at batch 1 (allocations, kernel choice, TensorRT engines)."""
-        a = self.arch
-        pixels = np.zeros((1, a.in_chans, a.img_size, a.img_size), dtype=np.float32)
-        for alone in (False, True) if self.lone_sessions else (False,):
-            self.encode(pixels, self.all_patches(1), alone)
-            if self.has("decoder"):
-                keep = len_keep(a.num_patches, WARMUP_MASK_RATIO)
-                latent = self.encode(pixels, np.arange(keep, dtype=np.int64)[None], alone)
-                self.decode(latent, np.arange(a.num_patches, dtype=np.int64)[None], alone)
-            if self.has("classifier"):
-                self.classify(pixels, alone)
 
     def describe(self) -> dict[str, Any]:
         """What /info and the startup log report: device, and per graph its file, precision and providers."""
         return {
+            "engine": self.name,
             "device": self.device,
             "onnxruntime": ort.__version__,
             "lone_batch_threads": self.lone_threads,

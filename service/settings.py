@@ -36,13 +36,18 @@ class Settings(BaseSettings):
                          "(/metrics adds up all of them)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    engine: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime", description="what computes the graphs: ONNX Runtime on the ONNX files, or torch (the `torch` "
+        "extra) on the same model directory's weights (weights.safetensors, else recovered from the fp32 graphs)")
     device: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
-        "auto", description="auto uses CUDA when a session really gets it, else the CPU")
-    precision: Literal["fp32", "fp16", "int8"] = Field(
-        "fp32", description="graph variant to load; a graph without that variant falls back to fp32")
+        "auto", description="auto uses CUDA when the engine really gets it, else the CPU (tensorrt: ONNX Runtime only)")
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        "fp32", description="onnxruntime: the graph variant to load (fp32, fp16, int8; a graph without it falls back "
+        "to fp32); torch: fp32, or bf16 / fp16 (CUDA) autocast")
+    torch_compile: bool = Field(False, description="torch engine: torch.compile the graphs (compiled at warm-up and "
+                                "again for new batch shapes)")
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads per call (0: the usable cores shared out among the inference threads)")
-    inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads across operators")
+        0, ge=0, description="engine threads per call (0: the usable cores shared out among the inference threads)")
     ort_spinning: bool = Field(
         False, description="let ORT threads spin between operators (faster alone, steals CPU from HTTP); with one ORT "
         "thread per call, only the lone-batch sessions have threads to spin")

@@ -25,6 +25,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     head = probe_head(config.embed_dim, len(FASHION_MNIST_LABELS))
     head[0].running_mean.normal_(0.0, 0.1)  # non-trivial statistics, so the graph must carry them
     head[0].running_var.uniform_(0.5, 2.0)
+    head[1].bias.data.normal_(0.0, 0.1)  # probe_head starts it at zero, which the ONNX exporter may fold away
     path = tmp_path_factory.mktemp("tiny") / "checkpoint-probe.pth"
     Checkpoint(
         model=mae.state_dict(), config=config, kind="probe", epoch=1, args={"model": "mae_vit_test"},

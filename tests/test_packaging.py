@@ -53,7 +53,7 @@ def _service_settings() -> set[str] | None:
 
 # Known names: the server's own when it imports, else the design's plus a copy of what it added.
 MAE_SETTINGS = _service_settings() or DESIGN_SETTINGS | {
-    "MAE_WORKERS", "MAE_LOG_LEVEL", "MAE_INTRA_OP_THREADS", "MAE_INTER_OP_THREADS", "MAE_ORT_SPINNING",
+    "MAE_WORKERS", "MAE_LOG_LEVEL", "MAE_INTRA_OP_THREADS", "MAE_ORT_SPINNING", "MAE_ENGINE", "MAE_TORCH_COMPILE",
     "MAE_VERIFY_HASHES", "MAE_QUEUE_FULL_STATUS", "MAE_DECODE_THREADS", "MAE_GRACEFUL_SHUTDOWN_S", "MAE_OPENTELEMETRY",
     "MAE_LONE_BATCH_ALL_CORES",
 }
@@ -89,6 +89,15 @@ def test_runtime_extras_hold_exactly_onnxruntime(pyproject):
     extras = pyproject["project"]["optional-dependencies"]
     assert _names(extras["cpu"]) == ["onnxruntime"]
     assert _names(extras["gpu"]) == ["onnxruntime-gpu"]
+
+
+def test_torch_extra_is_the_torch_engine_and_admits_this_machines_torch(pyproject):
+    torch_extra = pyproject["project"]["optional-dependencies"]["torch"]
+    assert set(_names(torch_extra)) == {"torch", "onnx", "safetensors"}
+    spec = next(Requirement(r) for r in torch_extra if _canon(Requirement(r).name) == "torch").specifier
+    assert spec.contains("2.13.0") and not spec.contains("2.14.0")
+    assert not set(_names(torch_extra)) & {"onnxruntime", "onnxruntime-gpu"}, "the ONNX Runtime build stays cpu/gpu's"
+    assert "'.[cpu,train,torch,dev]'" in (ROOT / "Makefile").read_text(), "CI tests the torch engine"
 
 
 def test_core_dependencies_have_no_torch(pyproject):
@@ -193,11 +202,37 @@ def parse_dockerfile(path: Path) -> list[Stage]:
     return stages
 
 
-def pip_installs(stage: Stage) -> list[list[str]]:
-    """Argument lists of every `pip install` in the stage's RUN instructions."""
+def stage_args(stage: Stage, **overrides: str) -> dict[str, str]:
+    """The stage's ARG defaults (and the global ones), as `--build-arg` `overrides` would change them."""
+    args = dict(stage.global_args)
+    for inst in stage.all("ARG"):
+        name, _, default = inst.args.partition("=")
+        args[name] = args.get(name, "") if not default else default.strip('"')
+    return {**args, **overrides}
+
+
+def expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
+
+
+def select_case_branches(text: str) -> str:
+    """Shell `case WORD in PATTERN) BODY ;; ... esac` (WORD already expanded) -> the first matching BODY."""
+    def branch(m: re.Match[str]) -> str:
+        word = m.group(1)
+        for pattern, body in re.findall(r"\s*([^)]+)\)\s*(.*?);;", m.group(2)):
+            if any(fnmatch(word, alt.strip()) for alt in pattern.split("|")):
+                return body
+        return ""
+    return re.sub(r'case\s+"([^"]*)"\s+in\s+(.*?)\besac', branch, text)
+
+
+def pip_installs(stage: Stage, **build_args: str) -> list[list[str]]:
+    """Argument lists of every `pip install` in the stage's RUN instructions, ARGs expanded and `case` on them
+    resolved as the shell would."""
     found = []
+    args = stage_args(stage, **build_args)
     for run in stage.all("RUN"):
-        for command in re.split(r"&&|;|\|\|", run.args):
+        for command in re.split(r"&&|;|\|\|", select_case_branches(expand(run.args, args))):
             words = command.split()
             for i in range(len(words) - 1):
                 if (words[i].endswith("pip") and words[i + 1] == "install") or words[i : i + 3] == ["-m", "pip", "install"]:
@@ -207,9 +242,9 @@ def pip_installs(stage: Stage) -> list[list[str]]:
     return found
 
 
-def extras_installed(stage: Stage) -> set[str]:
+def extras_installed(stage: Stage, **build_args: str) -> set[str]:
     extras: set[str] = set()
-    for args in pip_installs(stage):
+    for args in pip_installs(stage, **build_args):
         for arg in args:
             m = re.search(r"\[([A-Za-z0-9_,\- ]+)\]$", arg)
             if m:
@@ -224,12 +259,14 @@ def image(request):
     return request.param, parse_dockerfile(path)
 
 
-def test_gpu_image_base_is_cuda12_cudnn_runtime():
+def test_gpu_image_base_is_cuda13_cudnn_runtime_with_the_matching_onnxruntime_gpu():
+    """PyPI's onnxruntime-gpu 1.31 is built for CUDA 13: on a CUDA 12 base its CUDA provider cannot load."""
     final = parse_dockerfile(DOCKERFILE_GPU)[-1]
-    assert re.match(r"^(nvcr\.io/)?nvidia/cuda:12\.\d+(\.\d+)?-cudnn\d*-runtime-ubuntu\d+\.\d+$", final.base), final.base
-    run = " ".join(r.args for r in final.all("RUN")).replace('"', "")
-    run = run.replace("${PYTHON_VERSION}", final.global_args.get("PYTHON_VERSION", "?"))
-    assert "python3.11 -m venv" in run, "the GPU image runs Python 3.11 like the CPU one"
+    assert re.match(r"^(nvcr\.io/)?nvidia/cuda:13\.\d+(\.\d+)?-cudnn\d*-runtime-ubuntu\d+\.\d+$", final.base), final.base
+    run = expand(" ".join(r.args for r in final.all("RUN")).replace('"', ""), stage_args(final))
+    assert "python3.12 -m venv" in run, "the GPU image runs Ubuntu 24.04's Python 3.12"
+    pinned = [a for args in pip_installs(final) for a in args if a.startswith("onnxruntime-gpu")]
+    assert pinned == ["onnxruntime-gpu==1.31.1"], pinned
 
 
 def test_cpu_image_base_is_python311_slim():
@@ -251,6 +288,18 @@ def test_images_install_their_extra_only_and_never_torch(image):
                     assert _canon(name) != "onnxruntime", "the GPU image must not install the CPU onnxruntime"
     # The build also refuses an image in which torch turned up anyway.
     assert any("pip show torch" in r.args and "exit 1" in r.args for r in final.all("RUN"))
+
+
+def test_gpu_torch_variant_adds_torch_for_cuda13_and_keeps_onnxruntime_gpu():
+    """`--build-arg EXTRAS=gpu,torch`: torch from PyTorch's CUDA 13.0 index, then the gpu and torch extras."""
+    final = parse_dockerfile(DOCKERFILE_GPU)[-1]
+    assert extras_installed(final, EXTRAS="gpu,torch") == {"gpu", "torch"}
+    args = stage_args(final)
+    assert args["TORCH_INDEX_URL"].endswith("/cu130")
+    assert Requirement("x" + args["TORCH_SPEC"][len("torch"):]).specifier.contains("2.13.0")
+    run = " ".join(r.args for r in final.all("RUN"))
+    assert '--index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"' in run
+    assert "*,torch,*)" in run, "torch is installed (and the no-torch refusal skipped) only when EXTRAS names it"
 
 
 def test_images_are_multi_stage_wheel_builds(image):
@@ -439,7 +488,18 @@ def test_compose_cpu_variant(compose):
     assert "mae" in cpu["networks"]["default"]["aliases"], "proxy and Prometheus reach either variant as `mae`"
 
 
-@pytest.mark.parametrize("name", ["mae", "mae-cpu"])
+def test_compose_gpu_torch_profile(compose):
+    svc = compose["services"]["mae-torch"]
+    assert svc["profiles"] == ["gpu-torch"]
+    assert svc["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    assert set(svc["build"]["args"]["EXTRAS"].split(",")) == {"gpu", "torch"}
+    assert svc["image"] != compose["services"]["mae"]["image"], "the torch image must not replace the ONNX-only one"
+    assert _env(svc)["MAE_ENGINE"] == "${MAE_ENGINE:-torch}"
+    assert len(_gpu_devices(svc)) == 1 and _gpu_devices(svc)[0]["capabilities"] == ["gpu"]
+    assert "mae" in svc["networks"]["default"]["aliases"]
+
+
+@pytest.mark.parametrize("name", ["mae", "mae-cpu", "mae-torch"])
 def test_compose_server_services(compose, name):
     svc = compose["services"][name]
     assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
@@ -515,7 +575,7 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("profiles", [[], ["cpu", "prometheus", "lb"]])
+@pytest.mark.parametrize("profiles", [[], ["cpu", "gpu-torch", "prometheus", "lb"]])
 def test_compose_config_validates(profiles, tmp_path):
     cli = _compose_cli()
     if cli is None:
@@ -531,7 +591,7 @@ def test_compose_config_validates(profiles, tmp_path):
     # (compose v1 lists every service whatever the profiles; v2 only the active ones)
     assert "mae" in services
     if profiles:
-        assert {"mae-cpu", "prometheus", "lb"} <= services
+        assert {"mae-cpu", "mae-torch", "prometheus", "lb"} <= services
     proc = subprocess.run([*args, "config", "-q"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
 
@@ -577,6 +637,13 @@ def test_clean_venv_cpu_install_has_no_torch(tmp_path):
                     "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))", timeout=120)
     loaded = set(json.loads(out.strip().splitlines()[-1]))
     assert not loaded & {"torch", "model", "training"}, loaded & {"torch", "model", "training"}
+
+    # Asked for the torch engine without the `torch` extra, the server says what to install (no traceback).
+    done = subprocess.run([str(python), "-c", "from service.engine import open_engine; "
+                           "from model_dir.schema import load_model_dir; from service.settings import Settings; "
+                           "s = Settings(engine='torch'); open_engine(load_model_dir(s.model_dir), s)"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode != 0 and "needs the torch extra" in done.stderr, done.stderr[-3000:]
 
     # The console script is there and answers without loading a model.
     serve = env_dir / ("Scripts" if os.name == "nt" else "bin") / "mae-serve"

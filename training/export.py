@@ -46,6 +46,7 @@ from training.verification import (
     verify_all,
     write_self_check,
 )
+from training.weights import write_weights
 
 
 def load_models(checkpoint: str | Path, classifier_checkpoint: str | Path | None
@@ -175,7 +176,8 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
         spec = describe(ckpt=ckpt, cls_ckpt=cls_ckpt, classifier=classifier, name=name, checkpoint=checkpoint,
                         files=files, verification=verification(rows),
                         self_check=write_self_check(tmp, reference, "torch", set(graphs), shape, config.num_patches,
-                                                    real))
+                                                    real),
+                        weights=write_weights(tmp, {"autoencoder": mae, "classifier": classifier}))
         publish(tmp, out, spec, sessions)
     log(f"mae-export: wrote {out} ({', '.join(files)} x {', '.join(precisions)}) in {time.perf_counter() - t0:.0f} s")
     return out

@@ -22,12 +22,13 @@ from model_dir.schema import (
     SelfCheckSpec,
     Training,
     Verification,
+    WeightsSpec,
 )
 
 
 def describe(*, ckpt: Checkpoint, cls_ckpt: Checkpoint | None, classifier: ViTClassifier | None, name: str | None,
              checkpoint: str | Path, files: dict[str, dict[str, FileSpec]], verification: Verification,
-             self_check: SelfCheckSpec) -> ModelJson:
+             self_check: SelfCheckSpec, weights: WeightsSpec | None) -> ModelJson:
     """The content of model.json for the graphs exported from `ckpt` (and `cls_ckpt`'s classifier)."""
     config = ckpt.config
     info = (cls_ckpt or ckpt).classifier if classifier is not None else None
@@ -45,6 +46,7 @@ def describe(*, ckpt: Checkpoint, cls_ckpt: Checkpoint | None, classifier: ViTCl
         files=files,
         verification=verification,
         self_check=self_check,
+        weights=weights,
     )
 
 

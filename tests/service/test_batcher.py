@@ -22,7 +22,7 @@ def make_queue(calls: list[list[int]], gate: threading.Event | None = None, alon
     whether it ran alone); with a `gate`, every batch waits until the gate is set."""
     options = {"max_batch_size": 8, "max_delay_s": 0.5, "max_queue": 16, **kwargs}
 
-    def double(payloads: list[int], alone: bool) -> list[int]:
+    def double(payloads: list[int], *, alone: bool) -> list[int]:
         calls.append(list(payloads))
         if alone_flags is not None:
             alone_flags.append(alone)
@@ -92,7 +92,7 @@ def test_concurrent_batches_run_at_the_same_time_up_to_the_limit(concurrency: in
     lock = threading.Lock()
     both_started = threading.Barrier(2)
 
-    def slow(payloads: list[int], alone: bool) -> list[int]:
+    def slow(payloads: list[int], *, alone: bool) -> list[int]:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])

@@ -1,0 +1,118 @@
+"""The engine interface: a model directory's graphs as calls over index tensors, whatever computes them.
+
+Two engines implement it: ONNX Runtime (`service/runtime.py`, the default; CPU, CUDA, TensorRT) and
+torch (`service/engine_torch.py`, the `torch` extra; CPU, CUDA), chosen by `MAE_ENGINE`. `open_engine`
+imports the torch one only when it is chosen, so the ONNX-only install never loads torch. Batcher,
+pipelines and routes see this interface only.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from model_dir import self_check
+from model_dir.schema import ModelDir
+from service.masking import len_keep
+from service.settings import Settings
+
+log = logging.getLogger("service.engine")
+
+ENGINES = ("onnxruntime", "torch")
+WARMUP_MASK_RATIO = 0.75
+
+RunObserver = Callable[[str, int, float], None]  # (graph, batch size, seconds) after each engine call
+
+
+class RuntimeConfigError(RuntimeError):
+    """The requested engine, device or precision cannot be served here with this model directory."""
+
+
+class Engine(ABC):
+    """The encoder, and the decoder and classifier when the model directory has them.
+
+    `alone` (keyword): the batch runs alone (no other batch running or waiting), so an engine may give
+    it every core; engines without such a mode ignore it.
+    """
+
+    name: str  # "onnxruntime" or "torch"
+    device: str  # where it computes: cpu, cuda or tensorrt
+    lone_threads: int = 0  # threads of a batch that runs alone (0: no separate mode)
+    self_check: dict[str, Any] | None = None  # the startup self-check's report, when one ran
+
+    def __init__(self, model_dir: ModelDir, on_run: RunObserver | None):
+        self.model_dir = model_dir
+        self.arch = model_dir.spec.architecture
+        self.on_run = on_run
+
+    @abstractmethod
+    def has(self, graph: str) -> bool:
+        """Whether the graph (encoder, decoder, classifier) is loaded."""
+
+    @abstractmethod
+    def precision(self, graph: str) -> str:
+        """The precision the graph runs in."""
+
+    @abstractmethod
+    def encode(self, pixels: np.ndarray, ids_keep: np.ndarray, *, alone: bool = False) -> np.ndarray:
+        """pixels [B, C, H, W] float32, ids_keep [B, K] int64 -> latent [B, 1+K, D]."""
+
+    @abstractmethod
+    def decode(self, latent: np.ndarray, ids_restore: np.ndarray, *, alone: bool = False) -> np.ndarray:
+        """latent [B, 1+K, D], ids_restore [B, L] int64 -> pred [B, L, p*p*C]."""
+
+    @abstractmethod
+    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
+        """pixels [B, C, H, W] -> logits [B, num_classes]."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What /info and the startup log report: engine, device, and per graph its precision and providers."""
+
+    def all_patches(self, batch: int) -> np.ndarray:
+        """ids_keep [B, L] that keeps every patch (the full-image embedding)."""
+        return np.tile(np.arange(self.arch.num_patches, dtype=np.int64), (batch, 1))
+
+    def warm_up(self) -> None:
+        """One inference per graph (and per lone-batch mode) at batch 1: allocations, kernel choice, compilation."""
+        a = self.arch
+        pixels = np.zeros((1, a.in_chans, a.img_size, a.img_size), dtype=np.float32)
+        for alone in (False, True) if self.lone_threads else (False,):
+            self.encode(pixels, self.all_patches(1), alone=alone)
+            if self.has("decoder"):
+                keep = len_keep(a.num_patches, WARMUP_MASK_RATIO)
+                latent = self.encode(pixels, np.arange(keep, dtype=np.int64)[None], alone=alone)
+                self.decode(latent, np.arange(a.num_patches, dtype=np.int64)[None], alone=alone)
+            if self.has("classifier"):
+                self.classify(pixels, alone=alone)
+
+    def run_self_checks(self, arrays: dict[str, np.ndarray], run: self_check.RunGraph) -> list[self_check.CheckResult]:
+        """The stored self-check cases that apply to the loaded graphs, run through `run`."""
+        results = [self_check.check_encoder(arrays, self.precision("encoder"), run)]
+        if self.has("decoder") and self_check.keeps(arrays) and f"pred_{self_check.keeps(arrays)[0]}" in arrays:
+            reduced = [self.precision(g) for g in ("decoder", "encoder") if self.precision(g) != "fp32"]
+            results.append(self_check.check_chain(arrays, (reduced or ["fp32"])[0], run))
+        if self.has("classifier") and "logits" in arrays:
+            results.append(self_check.check_classifier(arrays, self.precision("classifier"), run))
+        return results
+
+
+def open_engine(model_dir: ModelDir, settings: Settings, on_run: RunObserver | None = None) -> Engine:
+    """The engine `settings.engine` names, on the device and precision the settings ask for."""
+    if settings.engine == "torch":
+        try:
+            from service.engine_torch import TorchEngine
+        except ImportError as e:
+            raise RuntimeConfigError(f"engine torch needs the torch extra (pip install 'mae-service[torch]'): {e}") from e
+        return TorchEngine(model_dir, device=settings.device, precision=settings.precision,
+                           threads=settings.ort_threads_per_call(), compile=settings.torch_compile, on_run=on_run,
+                           self_check_policy=settings.self_check)
+    from service.runtime import Runtime
+
+    return Runtime(model_dir, device=settings.device, precision=settings.precision,
+                   intra_op_threads=settings.ort_threads_per_call(), spinning=settings.ort_spinning, on_run=on_run,
+                   lone_threads=settings.lone_batch_threads(), self_check_policy=settings.self_check)
