@@ -16,9 +16,6 @@ class ServiceError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.type, self.message, self.headers)
-
 
 class InvalidBody(ServiceError):
     status, type = 400, "invalid_body"
