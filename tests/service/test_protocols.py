@@ -256,6 +256,7 @@ def test_oip_binary_extension_on_the_wire(live: str, model: str) -> None:
     length = int(r.headers["inference-header-content-length"])
     header = json.loads(r.content[:length])
     (output,) = header["outputs"]
-    assert output["shape"] == [1, 256] and output["parameters"]["binary_data_size"] == 256 * 4
-    vector = np.frombuffer(r.content[length:], dtype="<f4")
-    np.testing.assert_allclose(vector, native_vectors(live)[0], atol=1e-5, rtol=0)
+    expected = native_vectors(live)[0]
+    assert output["shape"] == [1, len(expected)] and output["parameters"]["binary_data_size"] == expected.nbytes
+    assert r.headers["content-type"] == "application/octet-stream" and "data" not in output
+    np.testing.assert_allclose(np.frombuffer(r.content[length:], dtype="<f4"), expected, atol=1e-5, rtol=0)
