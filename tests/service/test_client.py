@@ -212,3 +212,13 @@ def test_client_imports_with_httpx_and_numpy_only() -> None:
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_example_script_runs(live: Live, tmp_path: Path) -> None:
+    out = tmp_path / "r.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "client.py"), "--url", live.url, "--api-key", KEY,
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("nearest") == len(list((ROOT / "service" / "samples").glob("*.png")))
+    assert Image.open(out).size[0] > 0
