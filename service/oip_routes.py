@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
@@ -26,7 +27,7 @@ from service.imaging import from_pixels
 from service.inputs import decode_base64_image, parse_options
 from service.masking import MAX_SEED
 from service.model_dir import Pooling
-from service.oip_tensors import TensorError, encode_infer_response, parse_infer_request
+from service.oip_tensors import InferRequest, TensorError, encode_infer_response, parse_infer_request
 from service.responses import JSONResponse
 from service.tasks import ImageSource
 
@@ -34,6 +35,8 @@ PREFIX = "/v2"
 EXTENSIONS = ["binary_tensor_data"]
 health_router = APIRouter(tags=["Open Inference Protocol v2"])  # open, as /health/* is
 router = APIRouter(tags=["Open Inference Protocol v2"])
+ModelName = Annotated[str, PathParam(pattern=r"^[^\s/]+$", description="<model>-embed, -reconstruct or -classify")]
+Version = Annotated[str, PathParam(pattern=r"^[^\s/]+$", description="the model's version (/info model.version)")]
 _ENCODED_TEXT = re.compile(rb"^(data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,)?[A-Za-z0-9+/=\s]+$")
 
 
@@ -104,25 +107,31 @@ def _outputs(server: Any, model: V2Model) -> list[dict[str, Any]]:
     }[model.task]
 
 
+class OIPError(BaseModel):
+    error: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": OIPError} for code in codes}
+
+
 @health_router.get(PREFIX + "/health/live")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@health_router.get(PREFIX + "/health/ready")
+@health_router.get(PREFIX + "/health/ready", responses={503: {"description": '{"ready": false}'}})
 async def ready(request: Request) -> Response:
     is_ready = request.app.state.server.ready
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get(PREFIX)
+@router.get(PREFIX, responses=_errors(401))
 async def server_metadata() -> dict[str, Any]:
     return {"name": "mae-service", "version": __version__, "extensions": EXTENSIONS}
 
 
-@router.get(PREFIX + "/models/{name}")
-@router.get(PREFIX + "/models/{name}/versions/{version}")
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+def _metadata(request: Request, name: str, version: str | None) -> dict[str, Any]:
     server = request.app.state.server
     model = _model(server, name, version)
     a = server.model_dir.spec.architecture
@@ -132,12 +141,33 @@ async def model_metadata(request: Request, name: str, version: str | None = None
             "outputs": _outputs(server, model)}
 
 
-@router.get(PREFIX + "/models/{name}/ready")
-@router.get(PREFIX + "/models/{name}/versions/{version}/ready")
-async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+@router.get(PREFIX + "/models/{name}", responses=_errors(401, 404))
+async def model_metadata(request: Request, name: ModelName) -> dict[str, Any]:
+    return _metadata(request, name, None)
+
+
+@router.get(PREFIX + "/models/{name}/versions/{version}", responses=_errors(401, 404))
+async def model_version_metadata(request: Request, name: ModelName, version: Version) -> dict[str, Any]:
+    return _metadata(request, name, version)
+
+
+def _ready(request: Request, name: str, version: str | None) -> Response:
     server = request.app.state.server
     _model(server, name, version)
     return JSONResponse({"name": name, "ready": server.ready}, status_code=200 if server.ready else 503)
+
+
+_READY_DOC = {**_errors(401, 404), 503: {"description": '{"name", "ready": false}'}}
+
+
+@router.get(PREFIX + "/models/{name}/ready", responses=_READY_DOC)
+async def model_ready(request: Request, name: ModelName) -> Response:
+    return _ready(request, name, None)
+
+
+@router.get(PREFIX + "/models/{name}/versions/{version}/ready", responses=_READY_DOC)
+async def model_version_ready(request: Request, name: ModelName, version: Version) -> Response:
+    return _ready(request, name, version)
 
 
 def _image_bytes(value: bytes, index: int) -> bytes:
@@ -200,9 +230,28 @@ def _reconstructions(server: Any, done: tasks.Reconstructions) -> dict[str, np.n
             "mse_masked": np.array([np.nan if r.mse_masked is None else r.mse_masked for r in found], np.float32)}
 
 
-@router.post(PREFIX + "/models/{name}/infer")
-@router.post(PREFIX + "/models/{name}/versions/{version}/infer")
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+_INFER_DOC = {**_errors(400, 401, 404, 413, 422, 429, 503, 504), 200: {"content": {
+    "application/json": {}, "application/octet-stream": {}},
+    "description": "JSON, or with binary outputs the JSON header (Inference-Header-Content-Length bytes) then the tensors"}}
+
+
+_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": InferRequest.model_json_schema()}}, "description": "JSON; or with the binary tensor extension the "
+    "JSON header (Inference-Header-Content-Length bytes) then the tensors"}}
+
+
+@router.post(PREFIX + "/models/{name}/infer", responses=_INFER_DOC, openapi_extra=_INFER_BODY)
+async def infer(request: Request, name: ModelName) -> Response:
+    """Run one of the three models; JSON tensors or the binary tensor extension, in and out."""
+    return await _infer(request, name, None)
+
+
+@router.post(PREFIX + "/models/{name}/versions/{version}/infer", responses=_INFER_DOC, openapi_extra=_INFER_BODY)
+async def infer_version(request: Request, name: ModelName, version: Version) -> Response:
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
     """Run one of the three models; JSON tensors or the binary tensor extension, in and out."""
     server = request.app.state.server
     model = _model(server, name, version)

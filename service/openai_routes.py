@@ -21,10 +21,11 @@ from service import tasks
 from service.errors import InvalidOption, NotFound, PayloadTooLarge, UnsupportedMediaType
 from service.inputs import decode_base64_image, is_json, parse_options, read_json_object
 from service.responses import JSONResponse
+from service.schemas import ErrorResponse
 
 router = APIRouter(tags=["OpenAI-style"])
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n]+$")
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"description": "error envelope"}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
                                             for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
@@ -71,7 +72,8 @@ def _check(body: dict[str, Any], server: Any) -> EmbeddingsRequest:
     return request
 
 
-@router.post("/v1/embeddings", responses=_ERRORS)
+@router.post("/v1/embeddings", responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": EmbeddingsRequest.model_json_schema()}}}})
 async def create_embeddings(request: Request) -> JSONResponse:
     """Embeddings of images in the OpenAI response shape (`{"object": "list", "data": [...], ...}`)."""
     server = request.app.state.server
@@ -100,7 +102,7 @@ async def create_embeddings(request: Request) -> JSONResponse:
     })
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={401: {"model": ErrorResponse}})
 async def list_models(request: Request) -> dict[str, Any]:
     """The one model this server serves, in the OpenAI list shape."""
     spec = request.app.state.server.model_dir.spec
