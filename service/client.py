@@ -275,11 +275,14 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """The asyncio twin of Client: the same methods, awaited; `async with AsyncClient(url) as mae: ...`."""
+    """The asyncio twin of Client: the same methods, awaited; `async with AsyncClient(url) as mae: ...`.
+    The requests of one long list run concurrently, at most `max_concurrent_requests` at a time."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3,
-                 max_retry_wait_s: float = 30.0, transport: httpx.AsyncBaseTransport | None = None):
+                 max_retry_wait_s: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
+                 max_concurrent_requests: int = 4):
         super().__init__(base_url, api_key, timeout, max_retries, max_retry_wait_s)
+        self.max_concurrent_requests = max_concurrent_requests  # per call: the batches of a long list in flight
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
                                        transport=transport)
 
@@ -298,9 +301,13 @@ class AsyncClient(_Base):
     async def _post_batches(self, path: str, images: list[bytes], options: dict[str, Any]) -> list[dict[str, Any]]:
         if self._limits is None:
             await self.info()
-        responses = await asyncio.gather(*(self._request("POST", path, **self._form(batch, options))
-                                           for batch in self._batches(images)))
-        return [r.json() for r in responses]
+        slots = asyncio.Semaphore(self.max_concurrent_requests)
+
+        async def post(batch: list[bytes]) -> dict[str, Any]:
+            async with slots:
+                return (await self._request("POST", path, **self._form(batch, options))).json()
+
+        return list(await asyncio.gather(*(post(batch) for batch in self._batches(images))))
 
     async def embed(self, images: Any, pooling: str | None = None, normalize: bool = True) -> np.ndarray:
         answers = await self._post_batches("/embed", self._images(images),
