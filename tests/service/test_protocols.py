@@ -260,3 +260,16 @@ def test_oip_binary_extension_on_the_wire(live: str, model: str) -> None:
     assert output["shape"] == [1, len(expected)] and output["parameters"]["binary_data_size"] == expected.nbytes
     assert r.headers["content-type"] == "application/octet-stream" and "data" not in output
     np.testing.assert_allclose(np.frombuffer(r.content[length:], dtype="<f4"), expected, atol=1e-5, rtol=0)
+
+
+def test_body_limits_answer_in_each_protocols_shape(tiny_model_dir: Path) -> None:
+    from service_helpers import make_client
+
+    big = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["A" * 5000]}]})
+    with make_client(tiny_model_dir, max_body_bytes=4096) as client:
+        r = client.post("/v2/models/mae-test-embed/infer", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and isinstance(r.json()["error"], str), r.text
+        r = client.post("/v1/embeddings", json={"model": "mae-test", "input": "A" * 5000})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large", r.text
+        r = client.get("/v2/nothing/here")
+        assert r.status_code == 404 and isinstance(r.json()["error"], str)
