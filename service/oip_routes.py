@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -27,9 +27,12 @@ from service.imaging import from_pixels
 from service.inputs import decode_base64_image, parse_options
 from service.masking import MAX_SEED
 from service.model_dir import Pooling
-from service.oip_tensors import InferRequest, TensorError, encode_infer_response, parse_infer_request
+from service.oip_tensors import InferRequest, Tensor, TensorError, encode_infer_response, parse_infer_request
 from service.responses import JSONResponse
 from service.tasks import ImageSource
+
+if TYPE_CHECKING:
+    from service.app import Server
 
 PREFIX = "/v2"
 EXTENSIONS = ["binary_tensor_data"]
@@ -76,13 +79,13 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def served_models(server: Any) -> dict[str, V2Model]:
+def served_models(server: Server) -> dict[str, V2Model]:
     """Protocol model name -> model, for the graphs the loaded model has."""
     name = server.model_dir.spec.name
     return {f"{name}-{task}": m for task, m in MODELS.items() if server.runtime.has(m.graph)}
 
 
-def _model(server: Any, name: str, version: str | None) -> V2Model:
+def _model(server: Server, name: str, version: str | None) -> V2Model:
     model = served_models(server).get(name)
     if model is None:
         raise NotFound(f"model {name!r} is not served; models: {', '.join(served_models(server))}")
@@ -91,7 +94,7 @@ def _model(server: Any, name: str, version: str | None) -> V2Model:
     return model
 
 
-def _outputs(server: Any, model: V2Model) -> list[dict[str, Any]]:
+def _outputs(server: Server, model: V2Model) -> list[dict[str, Any]]:
     spec = server.model_dir.spec
     a = spec.architecture
     image = [-1, a.in_chans, a.img_size, a.img_size]
@@ -177,7 +180,7 @@ def _image_bytes(value: bytes, index: int) -> bytes:
     return value
 
 
-def _images(server: Any, tensors: dict[str, Any]) -> list[ImageSource]:
+def _images(server: Server, tensors: dict[str, Tensor]) -> list[ImageSource]:
     """The request's one input -> images: encoded files (BYTES `image`) or model inputs (FP32 `pixels`)."""
     if set(tensors) - {"image", "pixels"} or len(tensors) != 1:
         raise InvalidBody(f"inputs {sorted(tensors)}: send exactly one input, 'image' (BYTES) or 'pixels' (FP32)")
@@ -203,11 +206,10 @@ def _images(server: Any, tensors: dict[str, Any]) -> list[ImageSource]:
     return [from_pixels(p, server.model_dir.spec.preprocessing) for p in tensor.value]
 
 
-async def _run(model: V2Model, server: Any, request: Request, images: list[ImageSource],
-               parameters: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+async def _run(model: V2Model, server: Server, request: Request, images: list[ImageSource],
+               options: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(outputs by name, response parameters) of one model on the images."""
     route = request.scope["route"].path
-    options: Any = parse_options(model.parameters, parameters)
     if model.task == "embed":
         _, vectors = await tasks.embed(server, request, images, options.pooling, options.normalize)
         return {"embedding": np.stack(vectors)}, {}
@@ -222,7 +224,7 @@ async def _run(model: V2Model, server: Any, request: Request, images: list[Image
     return {"probabilities": probabilities, "class_id": top.astype(np.int64), "label": labels}, {}
 
 
-def _reconstructions(server: Any, done: tasks.Reconstructions) -> dict[str, np.ndarray]:
+def _reconstructions(server: Server, done: tasks.Reconstructions) -> dict[str, np.ndarray]:
     found = [server.pipelines.reconstruction(item, pred) for item, pred in zip(done.items, done.preds, strict=True)]
     return {"reconstruction": np.stack([r.reconstruction for r in found]).astype(np.float32),
             "pasted": np.stack([r.pasted for r in found]).astype(np.float32),
@@ -260,14 +262,16 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                                             request.headers.get("inference-header-content-length"))
     except TensorError as e:
         raise InvalidBody(str(e)) from e
-    images = _images(server, tensors)
+    requested = body.outputs if body.outputs is not None else []
+    names = [o["name"] for o in _outputs(server, model)]
+    unknown = [o.name for o in requested if o.name not in names]
+    if unknown:
+        raise InvalidBody(f"unknown outputs {unknown}; {name} has {names}")
     parameters = dict(body.parameters)
     binary_default = bool(parameters.pop("binary_data_output", False))
-    outputs, response_parameters = await _run(model, server, request, images, parameters)
-    requested = body.outputs if body.outputs is not None else []
-    unknown = [o.name for o in requested if o.name not in outputs]
-    if unknown:
-        raise InvalidBody(f"unknown outputs {unknown}; {name} has {list(outputs)}")
+    options = parse_options(model.parameters, parameters)
+    images = _images(server, tensors)
+    outputs, response_parameters = await _run(model, server, request, images, options)
     if requested:
         outputs = {o.name: outputs[o.name] for o in requested}
     binary = {n: bool(next((o.parameters.get("binary_data", binary_default) for o in requested if o.name == n),

@@ -12,7 +12,7 @@ server's envelope `{"error": {"type", "message"}}`, as OpenAI's own API wraps th
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +22,9 @@ from service.errors import InvalidOption, NotFound, PayloadTooLarge, Unsupported
 from service.inputs import decode_base64_image, is_json, parse_options, read_json_object
 from service.responses import JSONResponse
 from service.schemas import ErrorResponse
+
+if TYPE_CHECKING:
+    from service.app import Server
 
 router = APIRouter(tags=["OpenAI-style"])
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n]+$")
@@ -54,7 +57,7 @@ def _image_bytes(text: str, index: int) -> bytes:
     return decode_base64_image(text, index)
 
 
-def _check(body: dict[str, Any], server: Any) -> EmbeddingsRequest:
+def _check(body: dict[str, Any], server: Server) -> EmbeddingsRequest:
     raw_input = body.get("input")
     if isinstance(raw_input, list) and raw_input and not all(isinstance(x, str) for x in raw_input):
         raise InvalidOption("input: token arrays are text; this model embeds images only "
