@@ -27,7 +27,15 @@ from service.imaging import from_pixels
 from service.inputs import decode_base64_image, parse_options
 from service.masking import MAX_SEED
 from service.model_dir import Pooling
-from service.oip_tensors import InferRequest, Tensor, TensorError, encode_infer_response, parse_infer_request
+from service.oip_tensors import (
+    InferRequest,
+    InferResponse,
+    Tensor,
+    TensorError,
+    TensorMetadata,
+    encode_infer_response,
+    parse_infer_request,
+)
 from service.responses import JSONResponse
 from service.tasks import ImageSource
 
@@ -114,22 +122,49 @@ class OIPError(BaseModel):
     error: str
 
 
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata] = Field(description="one of them per request: image (BYTES) or pixels (FP32)")
+    outputs: list[TensorMetadata]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": OIPError} for code in codes}
 
 
-@health_router.get(PREFIX + "/health/live")
+@health_router.get(PREFIX + "/health/live", response_model=Live)
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@health_router.get(PREFIX + "/health/ready", responses={503: {"description": '{"ready": false}'}})
+@health_router.get(PREFIX + "/health/ready", response_model=Ready, responses={503: {"model": Ready}})
 async def ready(request: Request) -> Response:
     is_ready = request.app.state.server.ready
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get(PREFIX, responses=_errors(401))
+@router.get(PREFIX, response_model=ServerMetadata, responses=_errors(401))
 async def server_metadata() -> dict[str, Any]:
     return {"name": "mae-service", "version": __version__, "extensions": EXTENSIONS}
 
@@ -144,12 +179,13 @@ def _metadata(request: Request, name: str, version: str | None) -> dict[str, Any
             "outputs": _outputs(server, model)}
 
 
-@router.get(PREFIX + "/models/{name}", responses=_errors(401, 404))
+@router.get(PREFIX + "/models/{name}", response_model=ModelMetadata, responses=_errors(401, 404))
 async def model_metadata(request: Request, name: ModelName) -> dict[str, Any]:
     return _metadata(request, name, None)
 
 
-@router.get(PREFIX + "/models/{name}/versions/{version}", responses=_errors(401, 404))
+@router.get(PREFIX + "/models/{name}/versions/{version}", response_model=ModelMetadata,
+            responses=_errors(401, 404))
 async def model_version_metadata(request: Request, name: ModelName, version: Version) -> dict[str, Any]:
     return _metadata(request, name, version)
 
@@ -160,15 +196,16 @@ def _ready(request: Request, name: str, version: str | None) -> Response:
     return JSONResponse({"name": name, "ready": server.ready}, status_code=200 if server.ready else 503)
 
 
-_READY_DOC = {**_errors(401, 404), 503: {"description": '{"name", "ready": false}'}}
+_READY_DOC = {**_errors(401, 404), 503: {"model": ModelReady}}
 
 
-@router.get(PREFIX + "/models/{name}/ready", responses=_READY_DOC)
+@router.get(PREFIX + "/models/{name}/ready", response_model=ModelReady, responses=_READY_DOC)
 async def model_ready(request: Request, name: ModelName) -> Response:
     return _ready(request, name, None)
 
 
-@router.get(PREFIX + "/models/{name}/versions/{version}/ready", responses=_READY_DOC)
+@router.get(PREFIX + "/models/{name}/versions/{version}/ready", response_model=ModelReady,
+            responses=_READY_DOC)
 async def model_version_ready(request: Request, name: ModelName, version: Version) -> Response:
     return _ready(request, name, version)
 
@@ -233,7 +270,7 @@ def _reconstructions(server: Server, done: tasks.Reconstructions) -> dict[str, n
 
 
 _INFER_DOC = {**_errors(400, 401, 404, 413, 422, 429, 503, 504), 200: {"content": {
-    "application/json": {}, "application/octet-stream": {}},
+    "application/octet-stream": {}},
     "description": "JSON, or with binary outputs the JSON header (Inference-Header-Content-Length bytes) then the tensors"}}
 
 
@@ -242,13 +279,15 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {"application/json":
     "JSON header (Inference-Header-Content-Length bytes) then the tensors"}}
 
 
-@router.post(PREFIX + "/models/{name}/infer", responses=_INFER_DOC, openapi_extra=_INFER_BODY)
+@router.post(PREFIX + "/models/{name}/infer", response_model=InferResponse, responses=_INFER_DOC,
+             openapi_extra=_INFER_BODY)
 async def infer(request: Request, name: ModelName) -> Response:
     """Run one of the three models; JSON tensors or the binary tensor extension, in and out."""
     return await _infer(request, name, None)
 
 
-@router.post(PREFIX + "/models/{name}/versions/{version}/infer", responses=_INFER_DOC, openapi_extra=_INFER_BODY)
+@router.post(PREFIX + "/models/{name}/versions/{version}/infer", response_model=InferResponse, responses=_INFER_DOC,
+             openapi_extra=_INFER_BODY)
 async def infer_version(request: Request, name: ModelName, version: Version) -> Response:
     return await _infer(request, name, version)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.inputs import describe_validation_errors
 
@@ -56,6 +56,28 @@ class InferRequest(_Strict):
     parameters: dict[str, ParameterValue] = {}
     inputs: list[InputTensor]
     outputs: list[RequestedOutput] | None = None
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size")
+
+
+class OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, ParameterValue] | None = Field(None, description="binary_data_size for binary outputs")
+    data: list[Any] | None = Field(None, description="row-major; absent for binary outputs")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, ParameterValue] | None = None
+    outputs: list[OutputTensor]
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,37 @@ class EmbeddingsRequest(BaseModel):
     user: str | None = Field(None, description="accepted and ignored")
 
 
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int = Field(description="patch tokens: images x patches")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class ModelCard(BaseModel):
+    object: Literal["model"]
+    id: str
+    created: int
+    owned_by: str
+    version: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
 def _image_bytes(text: str, index: int) -> bytes:
     """One `input` string -> image bytes; text, token ids and URLs get a 422 that says what to send."""
     if text.startswith(("http://", "https://")):
@@ -75,7 +106,7 @@ def _check(body: dict[str, Any], server: Server) -> EmbeddingsRequest:
     return request
 
 
-@router.post("/v1/embeddings", responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": {
+@router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": EmbeddingsRequest.model_json_schema()}}}})
 async def create_embeddings(request: Request) -> JSONResponse:
     """Embeddings of images in the OpenAI response shape (`{"object": "list", "data": [...], ...}`)."""
@@ -105,7 +136,7 @@ async def create_embeddings(request: Request) -> JSONResponse:
     })
 
 
-@router.get("/v1/models", responses={401: {"model": ErrorResponse}})
+@router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
 async def list_models(request: Request) -> dict[str, Any]:
     """The one model this server serves, in the OpenAI list shape."""
     spec = request.app.state.server.model_dir.spec

@@ -273,3 +273,21 @@ def test_body_limits_answer_in_each_protocols_shape(tiny_model_dir: Path) -> Non
         assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large", r.text
         r = client.get("/v2/nothing/here")
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
+
+
+def test_oip_readiness_follows_the_server(tiny_model_dir: Path) -> None:
+    """Unready (as while warming up): server and model readiness answer 503 with ready false; liveness stays 200."""
+    from service_helpers import make_client
+
+    with make_client(tiny_model_dir) as client:
+        server = client.app.state.server
+        server.ready = False
+        try:
+            r = client.get("/v2/health/ready")
+            assert r.status_code == 503 and r.json() == {"ready": False}
+            r = client.get("/v2/models/mae-test-embed/ready")
+            assert r.status_code == 503 and r.json() == {"name": "mae-test-embed", "ready": False}
+            assert client.get("/v2/health/live").json() == {"live": True}
+        finally:
+            server.ready = True
+        assert client.get("/v2/models/mae-test-embed/ready").json() == {"name": "mae-test-embed", "ready": True}
