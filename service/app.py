@@ -354,9 +354,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, server=server)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID",
+                                          "Inference-Header-Content-Length"],
                            expose_headers=["X-Request-ID", "X-Queue-Time-Ms", "X-Inference-Time-Ms",
-                                           "X-Total-Time-Ms", "X-Seed"])
+                                           "X-Total-Time-Ms", "X-Seed", "Retry-After",
+                                           "Inference-Header-Content-Length"])
     auth = _auth_dependencies(settings.api_keys)
     pipelines, spec = server.pipelines, server.model_dir.spec
 
