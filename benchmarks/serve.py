@@ -15,11 +15,15 @@ each ratio is taken within a round; the medians are reported, as this machine's 
 Writes benchmarks/results/serve.json and prints a markdown table.
 
     .venv/bin/python benchmarks/serve.py [--models default,vitb] [--rounds 3] [--server-flags '...'] [--plain]
+    .venv/bin/python benchmarks/serve.py --protocols --concurrency 64 [--rounds 5] [--seconds 8]
+`--protocols` measures instead what the OpenAI-style layer costs: /v1/embeddings against /embed
+(JSON base64, the same image bytes; and multipart) on one server, rounds interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
+PROTOCOL_RESULTS = ROOT / "benchmarks" / "results" / "serve_protocols.json"
 CACHE = ROOT / "runs" / "bench-models"
 BUNDLED = ROOT / "service" / "default_model"
 BOUNDARY = "maebenchboundary"
@@ -265,12 +271,21 @@ class Server:
             self.proc.kill()
 
 
-def wrk(url: str, body_file: Path, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Body:
+    """A request wrk sends over and over: the route, the body file and its content type."""
+
+    path: str
+    file: Path
+    content_type: str = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def wrk(url: str, body: Body, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
     """One closed-loop run of `wrk` (one thread); latency percentiles, throughput and the client's CPU time."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s", "-s", str(script),
-                           f"{url}/embed"], capture_output=True, text=True, env={**os.environ, "BENCH_BODY": str(body_file),
-                                                     "BENCH_CONTENT_TYPE": f"multipart/form-data; boundary={BOUNDARY}"},
+                           f"{url}{body.path}"], capture_output=True, text=True,
+                          env={**os.environ, "BENCH_BODY": str(body.file), "BENCH_CONTENT_TYPE": body.content_type},
                           check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next(x for x in done.stdout.splitlines() if x.startswith("BENCH "))
@@ -283,14 +298,14 @@ def wrk(url: str, body_file: Path, script: Path, concurrency: int, seconds: floa
             "client_cpu_pct": 100 * client_cpu / (r["duration_us"] / 1e6)}
 
 
-def measure(server: Server, body_file: Path, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+def measure(server: Server, body: Body, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
     """One wrk run against a server, with its CPU share (all its processes) and the mean batch size it ran
     (from /metrics, which adds up every worker's when there are several)."""
     server.drain()
     s0, n0 = server.batch_stats()
     pid = server.proc.pid
     cpu0, loop0 = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
-    run = wrk(server.url, body_file, script, concurrency, seconds)
+    run = wrk(server.url, body, script, concurrency, seconds)
     run["server_cpu_pct"] = 100 * (cpu_seconds(pid) - cpu0) / run["wall_s"]
     run["event_loop_cpu_pct"] = 100 * (cpu_seconds(pid, thread=pid) - loop0) / run["wall_s"]
     server.drain()  # requests still queued when wrk stopped belong to this run's batches
@@ -319,8 +334,8 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     concurrency on both servers (both running throughout, order alternating per round); ratios are
     taken within a round and their median reported, so drifts in machine load hit both sides alike."""
     log(f"{label} ({precision}) from {model_dir}")
-    body_file = work / f"{label}.body"
-    body_file.write_bytes(multipart(sample_image(model_dir)))
+    body_file = Body("/embed", work / f"{label}.body")
+    body_file.file.write_bytes(multipart(sample_image(model_dir)))
     script = work / "post.lua"
     script.write_text(WRK_SCRIPT)
     encoder = RawEncoder(model_dir, precision, device)
@@ -375,12 +390,55 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     raw["img_per_s_rounds"] = [r["raw_img_per_s"] for r in rounds]
     raw["img_per_s_median"] = statistics.median(raw["img_per_s_rounds"])
     return {"model": label, "model_dir": str(model_dir), "precision": precision, "device": device,
-            "request_bytes": body_file.stat().st_size, "server_flags": flags, "rounds": args.rounds,
+            "request_bytes": body_file.file.stat().st_size, "server_flags": flags, "rounds": args.rounds,
             "seconds_per_run": {c: seconds_for(c) for c in args.concurrency}, "raw": raw,
             **{kind: [median_run([r["runs"][kind][c] for r in rounds]) for c in args.concurrency] for kind in servers},
             "rounds_detail": rounds,
             "ratios": {name: statistics.median(values) for name, values in per_round.items()},
             "ratios_per_round": per_round}
+
+
+def bench_protocols(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """/v1/embeddings against /embed on one batched server, the same image in every request, rounds
+    interleaved (order alternating): the cost of the OpenAI-style layer. /embed is sent as JSON base64
+    (the same bytes to decode as /v1/embeddings') and, for reference, as multipart."""
+    image = sample_image(model_dir)
+    name = json.loads((model_dir / "model.json").read_text())["name"]
+    encoded = base64.b64encode(image).decode()
+    bodies = {"embed_multipart": Body("/embed", work / "embed.multipart"),
+              "embed_json": Body("/embed", work / "embed.json", "application/json"),
+              "v1_embeddings": Body("/v1/embeddings", work / "v1.json", "application/json")}
+    bodies["embed_multipart"].file.write_bytes(multipart(image))
+    bodies["embed_json"].file.write_text(json.dumps({"images": [encoded], "encoding_format": "float"}))
+    bodies["v1_embeddings"].file.write_text(json.dumps({"model": name, "input": [f"data:image/png;base64,{encoded}"],
+                                                        "encoding_format": "float"}))
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    flags = ["--max-batch-size", "32", *args.server_flags.split()]
+    server = Server(model_dir, *flags)
+    c = max(args.concurrency)
+    rounds: list[dict[str, dict[str, Any]]] = []
+    try:
+        for body in bodies.values():
+            wrk(server.url, body, script, 8, 2)  # warm-up
+        for i in range(args.rounds):
+            order = list(bodies) if i % 2 == 0 else list(reversed(bodies))
+            runs = {kind: measure(server, bodies[kind], script, c, args.seconds) for kind in order}
+            for kind, run in runs.items():
+                log(f"  round {i + 1} {kind} c={c}: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
+                    f"mean batch {run['mean_batch']:.1f}, errors {run['errors']}")
+            rounds.append(runs)
+    finally:
+        server.stop()
+    per_round = {f"v1_embeddings_over_embed_json_c{c}": [r["v1_embeddings"]["img_per_s"] / r["embed_json"]["img_per_s"]
+                                                         for r in rounds],
+                 f"v1_embeddings_over_embed_multipart_c{c}": [
+                     r["v1_embeddings"]["img_per_s"] / r["embed_multipart"]["img_per_s"] for r in rounds]}
+    return {"model": name, "model_dir": str(model_dir), "server_flags": flags, "concurrency": c,
+            "seconds_per_run": args.seconds, "rounds": args.rounds,
+            "request_bytes": {k: b.file.stat().st_size for k, b in bodies.items()},
+            **{kind: median_run([r[kind] for r in rounds]) for kind in bodies},
+            "ratios": {k: statistics.median(v) for k, v in per_round.items()}, "ratios_per_round": per_round}
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -419,10 +477,16 @@ def main() -> None:
                    "server (e.g. '--inference-threads 1 --intra-op-threads 0')")
     p.add_argument("--plain", action="store_true", help="also a hand-written FastAPI endpoint, one ORT call per "
                    "request (benchmarks/plain_server.py; fp32 on a CPU), for scale")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--protocols", action="store_true", help="instead: /v1/embeddings against /embed on the "
+                   "default model at the top concurrency, interleaved rounds (writes serve_protocols.json)")
+    p.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} ({PROTOCOL_RESULTS} with --protocols)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench: wrk is not installed (apt-get install wrk)")
+    if args.protocols:
+        main_protocols(args)
+        return
+    args.out = args.out or RESULTS
     precisions = tuple(args.precisions.split(","))
     started = time.time()
     load_before = os.getloadavg()
@@ -460,6 +524,29 @@ def main() -> None:
     print(markdown(results))
     print(f"\nbench: {len(results)} models in {report['wall_s']:.0f} s; load average before {load_before[0]:.2f}, "
           f"after {report['load_average_after'][0]:.2f}; wrote {args.out}")
+
+
+def main_protocols(args: argparse.Namespace) -> None:
+    model_dir = BUNDLED if BUNDLED.is_dir() else random_model_dir("mae_vit_tiny_fmnist", ("fp32",))
+    load_before, started = os.getloadavg(), time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = bench_protocols(model_dir, args, Path(tmp))
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "onnxruntime": ort.__version__, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "wall_s": time.time() - started, "load_generator": "wrk -t1, pre-encoded bodies (Lua)", "result": result}
+    out = args.out or PROTOCOL_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["| request | img/s | p50 ms | p99 ms | mean batch | server CPU % | errors |", "|" + "---|" * 7]
+    for kind in ("embed_multipart", "embed_json", "v1_embeddings"):
+        x = result[kind]
+        lines.append(f"| {kind} | {x['img_per_s']:.1f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
+                     f"{x['mean_batch']:.1f} | {x['server_cpu_pct']:.0f} | {x['errors']} |")
+    lines += [f"| ratio {k} | {v:.3f} (per round: {', '.join(f'{r:.3f}' for r in result['ratios_per_round'][k])}) |"
+              for k, v in result["ratios"].items()]
+    print("\n".join(lines))
+    print(f"\nbench: {report['wall_s']:.0f} s; load average before {load_before[0]:.2f}, "
+          f"after {report['load_average_after'][0]:.2f}; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import inspect
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,13 +29,12 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_dir.schema import ModelDirError, load_model_dir
-from service import __version__
+from service import __version__, oip_routes, openai_routes, tasks
 from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull, RunBatch
 from service.engine import open_engine
 from service.errors import (
     DeadlineExceeded,
     InvalidImage,
-    InvalidOption,
     NotAvailable,
     NotReady,
     Overloaded,
@@ -45,13 +43,13 @@ from service.errors import (
     Unauthorized,
     UnsupportedMediaType,
     error_response,
+    error_response_for,
 )
 from service.imaging import ImageRejected, ModelImage
 from service.inputs import describe_validation_errors, parse_options, read_request
-from service.masking import MAX_SEED, len_keep, random_masking
 from service.metrics import Metrics
 from service.middleware import RequestContext
-from service.pipelines import MaskedImage, Pipelines
+from service.pipelines import Pipelines
 from service.responses import JSONResponse
 from service.schemas import (
     ClassifyJsonRequest,
@@ -67,6 +65,7 @@ from service.schemas import (
     request_body_doc,
 )
 from service.settings import BUNDLED_MODEL_DIR, Settings
+from service.tasks import ImageSource
 
 log = logging.getLogger("service")
 
@@ -167,7 +166,7 @@ class Server:
         """Run CPU work (decoding, PNG encoding) in the decode pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
-    async def infer(self, request: Request, queue: BatchQueue, images: list[bytes],
+    async def infer(self, request: Request, queue: BatchQueue, images: list[ImageSource],
                     payload: Callable[[ModelImage], Any] = lambda image: image) -> tuple[list[Any], list[Any]]:
         """Reserve queue room, decode the images in the pool, run them through the queue: (payloads, results)."""
         deadline = request.state.t0 + self.settings.request_timeout_s
@@ -175,7 +174,7 @@ class Server:
         request.state.timing = timing
         try:
             with queue.reserve(len(images)) as reservation:
-                decoded = await asyncio.gather(*(self.decode(data, i) for i, data in enumerate(images)))
+                decoded = await asyncio.gather(*(self._model_image(image, i) for i, image in enumerate(images)))
                 payloads = [payload(image) for image in decoded]
                 results = await reservation.submit(payloads, deadline, timing)
         except QueueFull as e:
@@ -184,8 +183,12 @@ class Server:
             raise NotReady(str(e), {"Retry-After": "1"}) from e
         except DeadlineExpired as e:
             raise DeadlineExceeded(f"{e} (request timeout {self.settings.request_timeout_s} s)") from e
-        self.metrics.images.labels(request.url.path).inc(len(images))
+        route = request.scope.get("route")
+        self.metrics.images.labels(getattr(route, "path", request.url.path)).inc(len(images))
         return payloads, results
+
+    async def _model_image(self, image: ImageSource, index: int) -> ModelImage:
+        return image if isinstance(image, ModelImage) else await self.decode(image, index)
 
     def require(self, graph: str, route: str) -> None:
         if not self.runtime.has(graph):
@@ -207,6 +210,12 @@ class Server:
             "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
                        "max_image_pixels": s.max_image_pixels},
             "auth": bool(s.api_keys),
+            "protocols": {
+                "native": ["POST /embed", "POST /reconstruct", "POST /classify"],
+                "openai": {"routes": ["POST /v1/embeddings", "GET /v1/models"], "model": spec.name},
+                "open_inference_v2": {"rest": "/v2", "extensions": oip_routes.EXTENSIONS,
+                                      "models": list(oip_routes.served_models(self))},
+            },
         }
 
 
@@ -229,9 +238,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, metrics=server.metrics, settings=settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID",
+                                          "Inference-Header-Content-Length"],
                            expose_headers=["X-Request-ID", "X-Queue-Time-Ms", "X-Inference-Time-Ms",
-                                           "X-Total-Time-Ms", "X-Seed"])
+                                           "X-Total-Time-Ms", "X-Seed", "Retry-After",
+                                           "Inference-Header-Content-Length"])
     auth = _auth_dependencies(settings.api_keys)
     pipelines, spec = server.pipelines, server.model_dir.spec
 
@@ -241,10 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Embeddings of whole images (the encoder on every patch)."""
         images, raw = await read_request(request, settings.max_images_per_request, settings.max_body_bytes)
         options = parse_options(EmbedOptions, raw)
-        pooling = options.pooling or spec.embedding.default_pooling
-        queue = server.queue("encoder", pipelines.embed_batch, "encoder")
-        _, tokens = await server.infer(request, queue, images)
-        vectors = [pipelines.pool(t, pooling, options.normalize) for t in tokens]
+        pooling, vectors = await tasks.embed(server, request, images, options.pooling, options.normalize)
         return JSONResponse({
             "model": spec.name, "dim": int(vectors[0].shape[0]), "pooling": pooling,
             "normalized": options.normalize, "encoding_format": options.encoding_format,
@@ -261,25 +269,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         server.require("decoder", "/reconstruct")
         images, raw = await read_request(request, settings.max_images_per_request, settings.max_body_bytes)
         options = parse_options(ReconstructOptions, raw)
-        a = spec.architecture
-        keep = len_keep(a.num_patches, options.mask_ratio)
-        if keep < 1:
-            raise InvalidOption(f"mask_ratio {options.mask_ratio} leaves no visible patch out of {a.num_patches}")
-        seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        masking = random_masking(a.num_patches, options.mask_ratio, seed)
-        queue = server.queue(f"reconstruct/K={keep}", pipelines.reconstruct_batch, "encoder+decoder")
-        items, preds = await server.infer(request, queue, images, lambda image: MaskedImage(image, masking))
+        done = await tasks.reconstruct(server, request, "/reconstruct", images, options.mask_ratio, options.seed)
+        headers = {"X-Seed": str(done.seed)}
         if options.response_format == "png":
-            png = await server.offload(pipelines.reconstruct_png, items, preds)
-            return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
-        data = await server.offload(pipelines.reconstruct_json, items, preds)
+            png = await server.offload(pipelines.reconstruct_png, done.items, done.preds)
+            return Response(png, media_type="image/png", headers=headers)
+        data = await server.offload(pipelines.reconstruct_json, done.items, done.preds)
+        a = spec.architecture
         return JSONResponse({
-            "model": spec.name, "seed": seed, "mask_ratio": options.mask_ratio, "norm_pix_loss": spec.norm_pix_loss,
-            "denormalized_with_target_stats": spec.norm_pix_loss,
+            "model": spec.name, "seed": done.seed, "mask_ratio": options.mask_ratio,
+            "norm_pix_loss": spec.norm_pix_loss, "denormalized_with_target_stats": spec.norm_pix_loss,
             "grid": {"rows": a.grid_size, "cols": a.grid_size, "patch_size": a.patch_size,
-                     "num_patches": a.num_patches, "num_visible": keep},
+                     "num_patches": a.num_patches, "num_visible": done.num_visible},
             "data": data, "usage": {"images": len(data)},
-        }, headers={"X-Seed": str(seed)})
+        }, headers=headers)
 
     @app.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, dependencies=auth,
               openapi_extra=request_body_doc(ClassifyJsonRequest, ClassifyOptions))
@@ -288,14 +291,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         server.require("classifier", "/classify")
         images, raw = await read_request(request, settings.max_images_per_request, settings.max_body_bytes)
         options = parse_options(ClassifyOptions, raw)
-        k = options.top_k
-        if k > len(pipelines.labels):
-            raise InvalidOption(f"top_k {k} is over the {len(pipelines.labels)} labels of model {spec.name}")
-        queue = server.queue("classifier", pipelines.classify_batch, "classifier")
-        _, logits = await server.infer(request, queue, images)
+        tasks.check_top_k(server, options.top_k)
+        logits = await tasks.classify(server, request, "/classify", images)
         return JSONResponse({
             "model": spec.name,
-            "data": [{"index": i, "predictions": pipelines.top_k(row, k)} for i, row in enumerate(logits)],
+            "data": [{"index": i, "predictions": pipelines.top_k(row, options.top_k)} for i, row in enumerate(logits)],
             "usage": {"images": len(logits)},
         })
 
@@ -329,6 +329,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The bundled demo images, by name."""
         return [{"name": p.stem, "url": f"/samples/{p.name}"} for p in sorted(SAMPLES_DIR.glob("*.png"))]
 
+    app.include_router(openai_routes.router, dependencies=auth)
+    app.include_router(oip_routes.health_router)
+    app.include_router(oip_routes.router, dependencies=auth)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if SAMPLES_DIR.is_dir():
         app.mount("/samples", StaticFiles(directory=SAMPLES_DIR), name="samples")
@@ -353,24 +356,24 @@ def _auth_dependencies(keys: list[str]) -> list[Any]:
 
 
 def _install_error_handlers(app: FastAPI, server: Server) -> None:
-    """Every error leaves in the `{"error": {"type", "message"}}` envelope; client errors are counted by type."""
+    """Every error leaves in its protocol's shape (see errors.error_response_for); client errors are counted by type."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         server.metrics.rejections.labels(exc.type).inc()
-        return exc.response()
+        return error_response_for(request.url.path, exc.status, exc.type, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         server.metrics.rejections.labels("invalid_option").inc()
-        return error_response(422, "invalid_option", describe_validation_errors(exc.errors()))
+        return error_response_for(request.url.path, 422, "invalid_option", describe_validation_errors(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+        return error_response_for(request.url.path, exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s", request.url.path)
-        return error_response(500, "internal_error", "internal server error (a bug): see the server log")
+        return error_response_for(request.url.path, 500, "internal_error", "internal server error (a bug): see the server log")

@@ -16,9 +16,6 @@ class ServiceError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.type, self.message, self.headers)
-
 
 class InvalidBody(ServiceError):
     status, type = 400, "invalid_body"
@@ -70,3 +67,19 @@ class DeadlineExceeded(ServiceError):
 
 def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+OIP_PREFIX = "/v2"  # the Open Inference Protocol's routes: their errors take that protocol's shape
+
+
+def oip_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The Open Inference Protocol's error: `{"error": "..."}`."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def error_response_for(path: str, status: int, type_: str, message: str,
+                       headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the shape of the protocol `path` belongs to: OIP's under /v2, else the envelope."""
+    if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
+        return oip_error_response(status, message, headers)
+    return error_response(status, type_, message, headers)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model_dir.reconstruction import to_uint8
 from model_dir.schema import Preprocessing
 
 # PIL format names accepted from clients (MPO: multi-picture JPEG as written by many cameras).
@@ -75,11 +76,6 @@ def decode(im: Image.Image) -> Image.Image:
         raise ImageRejected(f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode the first frame of an allowed format, upright per EXIF; limits checked before decompression."""
-    return decode(read_header(data, max_pixels))
-
-
 def to_channels(im: Image.Image, channels: str) -> Image.Image:
     """Any PIL mode -> `L` or `RGB`: 16-bit scaled to 8-bit, transparency composited over black."""
     if im.mode in _SIXTEEN_BIT_MODES:
@@ -119,6 +115,14 @@ def normalize(rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
     mean = np.asarray(prep.mean, dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(prep.std, dtype=np.float32).reshape(-1, 1, 1)
     return ((rgb.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+def from_pixels(pixels: np.ndarray, prep: Preprocessing) -> ModelImage:
+    """Pixels [C, H, W] a client sent already normalized -> the model's input as is, and the picture they show
+    (denormalized to uint8, what a reconstruction is composited with)."""
+    mean = np.asarray(prep.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(prep.std, dtype=np.float32).reshape(-1, 1, 1)
+    return ModelImage(rgb=to_uint8(pixels * std + mean), pixels=np.ascontiguousarray(pixels, dtype=np.float32))
 
 
 def load_model_image(data: bytes, prep: Preprocessing, max_pixels: int) -> ModelImage:

@@ -38,6 +38,21 @@ def decode_base64_image(text: str, index: int) -> bytes:
     return data
 
 
+def is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def read_json_object(request: Request, example: str) -> dict[str, Any]:
+    """The JSON object in a request's body (400 when it is not JSON or not an object)."""
+    try:
+        body = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidBody(f"request body is not valid JSON ({e})") from e
+    if not isinstance(body, dict):
+        raise InvalidBody(f"the JSON body must be an object, {example}")
+    return body
+
+
 async def read_request(request: Request, max_images: int, max_body_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
     """(image bytes in order, raw options) from a multipart, url-encoded or JSON request plus its query."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -57,13 +72,8 @@ async def read_request(request: Request, max_images: int, max_body_bytes: int) -
                 raise InvalidOption(f"unexpected file field {key!r} (send images as 'image')")
             elif value != "":  # an empty form field means "not given"
                 options[key] = value
-    elif content_type == "application/json" or content_type.endswith("+json"):
-        try:
-            body = json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidBody(f"request body is not valid JSON ({e})") from e
-        if not isinstance(body, dict):
-            raise InvalidBody("the JSON body must be an object, e.g. {\"image\": \"<base64>\"}")
+    elif is_json(content_type):
+        body = await read_json_object(request, 'e.g. {"image": "<base64>"}')
         for key in IMAGE_FIELDS:
             value = body.pop(key, None)
             if isinstance(value, str):

@@ -13,7 +13,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchTiming
-from service.errors import PayloadTooLarge, error_response
+from service.errors import PayloadTooLarge, error_response_for
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -117,8 +117,8 @@ class RequestContext:
             length = headers.get(b"content-length", b"")
             if length.isdigit() and int(length) > limit:
                 metrics.rejections.labels(PayloadTooLarge.type).inc()
-                response = error_response(413, PayloadTooLarge.type,
-                                          f"request body of {int(length)} bytes is over the limit of {limit} bytes")
+                response = error_response_for(scope["path"], 413, PayloadTooLarge.type,
+                                              f"request body of {int(length)} bytes is over the limit of {limit} bytes")
                 await response(scope, receive, send_with_headers)
             else:
                 await self.app(scope, receive_limited, send_with_headers)

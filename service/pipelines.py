@@ -90,10 +90,15 @@ class Pipelines:
             return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
         return vector
 
+    @staticmethod
+    def probabilities(logits: np.ndarray) -> np.ndarray:
+        """Softmax over the last axis (float64, shifted by the maximum)."""
+        z = logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)
+        return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+
     def top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Softmax over the logits, the k most probable classes first."""
-        z = logits.astype(np.float64) - float(np.max(logits))
-        probs = np.exp(z) / np.exp(z).sum()
+        probs = self.probabilities(logits)
         order = np.argsort(-probs, kind="stable")[:k]
         return [{"label": self.labels[i], "class_id": int(i), "score": float(probs[i])} for i in order]
 

@@ -649,3 +649,35 @@ def test_clean_venv_cpu_install_has_no_torch(tmp_path):
     serve = env_dir / ("Scripts" if os.name == "nt" else "bin") / "mae-serve"
     proc = subprocess.run([str(serve), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_clean_venv_client_needs_httpx_and_numpy_only(tmp_path):
+    """The `client` extra's packages alone in a clean virtualenv; service/client.py (and the package's
+    __init__) imports and encodes a PNG there, without PIL, the server's stack, torch or onnxruntime."""
+    extra = pyproject_extra("client")
+    assert sorted(_names(extra)) == ["httpx", "numpy"]
+    src = tmp_path / "src" / "service"
+    src.mkdir(parents=True)
+    for name in ("__init__.py", "client.py"):
+        shutil.copy2(ROOT / "service" / name, src / name)
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}}
+    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *extra],
+                          capture_output=True, text=True, env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = ("import sys; from service.client import Client, AsyncClient, png_from_array; import numpy as np; "
+            "assert png_from_array(np.zeros((2, 2), np.uint8))[:4] == b'\\x89PNG'; "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHONPATH": str(src.parent)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = set(json.loads(proc.stdout.strip().replace("'", '"')))
+    assert not loaded & {"torch", "onnxruntime", "PIL", "fastapi", "model", "training"}, loaded
+
+
+def pyproject_extra(name: str) -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][name]

@@ -104,3 +104,65 @@ def test_random_malformed_requests_get_client_errors_and_the_server_keeps_servin
                 assert set(body) == {"error"} and body["error"]["type"] and body["error"]["message"], body
         assert client.post("/embed", files=[("image", ("x.png", junk.png, "image/png"))]).status_code == 200
     assert len([s for s in statuses if s >= 400]) >= 5, statuses  # the junk reached many different checks
+
+
+def oip_request(rng: random.Random, png: bytes) -> tuple[bytes, dict[str, str]]:
+    """A valid Open Inference Protocol request (JSON or binary), then mutated at random."""
+    import json
+
+    binary = rng.random() < 0.5
+    name, datatype, shape = rng.choice([("image", "BYTES", [1]), ("pixels", "FP32", [1, 1, 28, 28])])
+    if name == "image":
+        raw = struct.pack("<I", len(png)) + png
+        data: list = [base64.b64encode(png).decode()]
+    else:
+        raw = struct.pack(f"<{28 * 28}f", *([0.1] * 28 * 28))
+        data = [0.1] * 28 * 28
+    tensor: dict = {"name": name, "datatype": datatype, "shape": shape}
+    tensor.update({"parameters": {"binary_data_size": len(raw)}} if binary else {"data": data})
+    header: dict = {"inputs": [tensor], "parameters": {}, "outputs": [{"name": "embedding"}]}
+    for _ in range(rng.randint(1, 3)):  # mutations
+        field, value = rng.choice([
+            (("inputs", 0, "datatype"), rng.choice(["FP32", "BYTES", "INT64", "FP16", "x", 3])),
+            (("inputs", 0, "shape"), rng.choice([[], [0], [-1], [2], [1, 1], [10**9], [1, 1, 28], "1"])),
+            (("inputs", 0, "name"), rng.choice(["image", "pixels", "other", ""])),
+            (("inputs", 0, "data"), rng.choice([None, [], ["!!"], [[1, 2], [3]], [None], "x", [True] * 784])),
+            (("parameters", "mask_ratio"), rng.choice([0.5, 2, "x", True])),
+            (("parameters", "binary_data_output"), rng.choice([True, False, "yes", 7])),
+            (("outputs",), rng.choice([None, [], [{"name": "nope"}], [{"name": "embedding", "parameters": {
+                "binary_data": True}}], "x"])),
+            (("inputs",), rng.choice([[], None, [tensor, tensor], "x"])),
+        ])
+        target = header
+        try:
+            for key in field[:-1]:
+                target = target[key]
+            target[field[-1]] = value
+        except (KeyError, IndexError, TypeError):  # an earlier mutation removed the place
+            pass
+    text = json.dumps(header).encode()
+    if rng.random() < 0.2:
+        text = text[: rng.randint(0, len(text))]
+    tail = raw if binary else b""
+    if binary and rng.random() < 0.4:
+        tail = tail[: rng.randint(0, len(tail))] if rng.random() < 0.5 else tail + bytes(rng.randint(1, 9))
+    headers = {"Content-Type": "application/json"}
+    if binary or rng.random() < 0.1:
+        length = rng.choice([len(text), len(text), len(text) + 5, 0, -1, "x"])
+        headers["Inference-Header-Content-Length"] = str(length)
+    return text + tail, headers
+
+
+def test_random_malformed_inference_requests_get_oip_errors(tiny_model_dir: Path) -> None:
+    rng = random.Random(12)
+    png = sample_png()
+    statuses: dict[int, int] = {}
+    with make_client(tiny_model_dir) as client:
+        for _ in range(300):
+            body, headers = oip_request(rng, png)
+            r = client.post("/v2/models/mae-test-embed/infer", content=body, headers=headers)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (body[:300], headers, r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                assert isinstance(r.json()["error"], str), r.text
+    assert statuses.get(200, 0) >= 5 and sum(n for s, n in statuses.items() if s >= 400) >= 100, statuses

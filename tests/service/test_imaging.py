@@ -16,11 +16,18 @@ from service.imaging import (
     ImageRejected,
     ImageTooLarge,
     UnsupportedImage,
+    decode,
     encode_png,
     load_model_image,
-    open_image,
+    read_header,
     resize_and_crop,
 )
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """What the server does with client bytes before converting them: header checks, then the decode."""
+    return decode(read_header(data, max_pixels))
+
 
 GRAY = Preprocessing(resize=28, crop=28, channels="L", mean=[0.286], std=[0.353])
 RGB = Preprocessing(resize=32, crop=24, channels="RGB", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -58,7 +65,7 @@ def test_exif_orientation_is_applied() -> None:
     im = gradient((40, 20))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    decoded = open_image(encode(im, "JPEG", quality=95, exif=exif), 10**6)
+    decoded = _open(encode(im, "JPEG", quality=95, exif=exif), 10**6)
     assert decoded.size == (20, 40)
     upright = np.asarray(im.transpose(Image.Transpose.ROTATE_270)).astype(int)
     assert np.abs(np.asarray(decoded).astype(int) - upright).mean() < 4
@@ -110,24 +117,24 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_pixel_limit_is_checked_before_decoding() -> None:
     bomb = _png_header_only(50_000, 50_000)  # 2.5 gigapixels declared in 60 bytes
     with pytest.raises(ImageTooLarge, match="over the limit|too large"):
-        open_image(bomb, 40_000_000)
+        _open(bomb, 40_000_000)
     with pytest.raises(ImageTooLarge, match="over the limit"):
-        open_image(encode(Image.new("L", (100, 100)), "PNG"), 9_999)
+        _open(encode(Image.new("L", (100, 100)), "PNG"), 9_999)
     # Between PIL's own warning (89 M pixels) and error (179 M) thresholds our limit decides.
     with pytest.raises(ImageTooLarge, match="over the limit"):
-        open_image(_png_header_only(10_000, 10_000), 40_000_000)
+        _open(_png_header_only(10_000, 10_000), 40_000_000)
 
 
 def test_garbage_truncated_and_unsupported() -> None:
     with pytest.raises(ImageRejected) as garbage:
-        open_image(b"definitely not an image", 10**6)
+        _open(b"definitely not an image", 10**6)
     assert garbage.value.kind == "invalid"
     png = encode(gradient((64, 64)), "PNG")
     with pytest.raises(ImageRejected) as truncated:
-        open_image(png[: len(png) // 2], 10**6)
+        _open(png[: len(png) // 2], 10**6)
     assert truncated.value.kind == "invalid"
     with pytest.raises(UnsupportedImage):
-        open_image(encode(Image.new("RGB", (16, 16)), "ICO"), 10**6)
+        _open(encode(Image.new("RGB", (16, 16)), "ICO"), 10**6)
 
 
 def test_png_encoding_is_deterministic_and_lossless() -> None:

@@ -364,6 +364,11 @@ def test_cors_allow_list(tiny_model_dir: Path) -> None:
         r = c.post("/embed", files=files(sample_png()), headers={"Origin": "https://app.example"})
         assert r.headers["access-control-allow-origin"] == "https://app.example"
         assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        preflight = c.options("/v2/models/mae-test-embed/infer", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "inference-header-content-length"})
+        assert preflight.status_code == 200  # a browser may send the OIP binary extension
+        assert "inference-header-content-length" in r.headers["access-control-expose-headers"].lower()
         other = c.post("/embed", files=files(sample_png()), headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
     with make_client(tiny_model_dir) as c:  # off by default

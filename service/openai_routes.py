@@ -1,0 +1,144 @@
+"""OpenAI-style embeddings: `POST /v1/embeddings` and `GET /v1/models`, over the same task as `/embed`.
+
+Images arrive as `input` strings (a `data:image/...;base64,` URI or bare base64 of an image file;
+one string or a list), as infinity serves them; infinity's `"modality": "image"` is accepted, not
+required. The embedding is the model's default pooling, L2-normalized, the vector `/embed` returns
+by default. `dimensions` may only be the model's own size (or absent): MAE embeddings are not
+trained to be truncated (no Matryoshka loss), so a prefix would be a different, unvalidated
+embedding, and any other value is a 422 rather than a silent approximation. Errors keep the
+server's envelope `{"error": {"type", "message"}}`, as OpenAI's own API wraps them in `error`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import tasks
+from service.errors import InvalidOption, NotFound, PayloadTooLarge, UnsupportedMediaType
+from service.inputs import decode_base64_image, is_json, parse_options, read_json_object
+from service.responses import JSONResponse
+from service.schemas import ErrorResponse
+
+if TYPE_CHECKING:
+    from service.app import Server
+
+router = APIRouter(tags=["OpenAI-style"])
+_BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n]+$")
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
+                                            for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+
+
+class EmbeddingsRequest(BaseModel):
+    """The body of `POST /v1/embeddings`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="the loaded model's name (GET /v1/models)")
+    input: str | list[str] = Field(description="images: data URIs (data:image/png;base64,...) or bare base64")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: JSON numbers; base64: little-endian float32 (the OpenAI SDK's default)")
+    dimensions: int | None = Field(None, ge=1, description="only the model's own size: MAE embeddings are not "
+                                   "trained for truncation, so no prefix is served (422)")
+    modality: Literal["image", "text"] = Field("image", description="infinity's field; only images are embedded")
+    user: str | None = Field(None, description="accepted and ignored")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int = Field(description="patch tokens: images x patches")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class ModelCard(BaseModel):
+    object: Literal["model"]
+    id: str
+    created: int
+    owned_by: str
+    version: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+def _image_bytes(text: str, index: int) -> bytes:
+    """One `input` string -> image bytes; text, token ids and URLs get a 422 that says what to send."""
+    if text.startswith(("http://", "https://")):
+        raise InvalidOption(f"input {index}: URLs are not fetched; send the image as a data URI or base64")
+    if not text.startswith("data:") and not _BASE64.match(text):
+        raise InvalidOption(f"input {index} is text: this model embeds images only; send a data URI "
+                            "(data:image/png;base64,...) or the base64 of an image file")
+    return decode_base64_image(text, index)
+
+
+def _check(body: dict[str, Any], server: Server) -> EmbeddingsRequest:
+    raw_input = body.get("input")
+    if isinstance(raw_input, list) and raw_input and not all(isinstance(x, str) for x in raw_input):
+        raise InvalidOption("input: token arrays are text; this model embeds images only "
+                            "(send data URIs or base64 strings)")
+    request = parse_options(EmbeddingsRequest, body)
+    spec = server.model_dir.spec
+    if request.model != spec.name:
+        raise NotFound(f"model {request.model!r} is not served here; this server serves {spec.name!r}")
+    if request.modality == "text":
+        raise InvalidOption("modality 'text' is not supported: this model embeds images only")
+    dim = spec.embedding.dim
+    if request.dimensions is not None and request.dimensions != dim:
+        raise InvalidOption(f"dimensions {request.dimensions}: model {spec.name} serves {dim}-d embeddings only "
+                            "(they are not trained to be truncated)")
+    return request
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": EmbeddingsRequest.model_json_schema()}}}})
+async def create_embeddings(request: Request) -> JSONResponse:
+    """Embeddings of images in the OpenAI response shape (`{"object": "list", "data": [...], ...}`)."""
+    server = request.app.state.server
+    settings = server.settings
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not is_json(content_type):
+        raise UnsupportedMediaType(f"content type {content_type or '(none)'!r}: /v1/embeddings takes application/json")
+    body = _check(await read_json_object(request, 'e.g. {"model": "...", "input": ["data:image/png;base64,..."]}'),
+                  server)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise InvalidOption("input: no image")
+    if len(texts) > settings.max_images_per_request:
+        raise PayloadTooLarge(f"{len(texts)} images in one request, over the limit of "
+                              f"{settings.max_images_per_request}")
+    images = [_image_bytes(text, i) for i, text in enumerate(texts)]
+    _, vectors = await tasks.embed(server, request, images, None, True)
+    tokens = len(vectors) * server.model_dir.spec.architecture.num_patches
+    return JSONResponse({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i,
+                  "embedding": server.pipelines.encode_embedding(v, body.encoding_format)}
+                 for i, v in enumerate(vectors)],
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+
+
+@router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
+async def list_models(request: Request) -> dict[str, Any]:
+    """The one model this server serves, in the OpenAI list shape."""
+    spec = request.app.state.server.model_dir.spec
+    return {"object": "list", "data": [{"object": "model", "id": spec.name, "created": 0,
+                                        "owned_by": "mae-service", "version": spec.version}]}
