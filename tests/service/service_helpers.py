@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(url: str, alive: Callable[[], bool | str] = lambda: True, timeout_s: float = 60) -> None:
+    """Poll `url`/health/ready until it answers 200; `alive` returns True while the server runs (else why not)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = alive()
+        assert running is True, running
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"server not ready after {timeout_s:.0f} s"
+        time.sleep(0.05)
+
+
 @contextmanager
 def server_process(model_dir: Path, *flags: str, env: dict[str, str] | None = None,
                    stop: bool = True) -> Iterator[tuple[str, subprocess.Popen[str]]]:
@@ -60,16 +75,8 @@ def server_process(model_dir: Path, *flags: str, env: dict[str, str] | None = No
                             text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}"
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready after 60 s"
-            time.sleep(0.1)
+        wait_until_ready(url, lambda: proc.poll() is None or
+                         f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}")
         yield url, proc
     finally:
         if proc.poll() is None:

@@ -10,7 +10,6 @@ import io
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import uvicorn
 from PIL import Image
-from service_helpers import ROOT, free_port, metric, sample_png
+from service_helpers import ROOT, free_port, metric, sample_png, wait_until_ready
 
 from service.app import Server, create_app
 from service.client import (
@@ -83,15 +82,7 @@ def live(tiny_model_dir: Path) -> Iterator[Live]:
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server not ready"
-        time.sleep(0.05)
+    wait_until_ready(url)
     yield Live(url, app.state.server, loop)
     server.should_exit = True
     thread.join(30)
