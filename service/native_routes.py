@@ -8,7 +8,7 @@ on the server and returns the task's response model; the work itself lives in `s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
@@ -34,34 +34,36 @@ from service.schemas import (
 
 if TYPE_CHECKING:
     from service.server import Server
+    from service.tasks import ClassifyTask, EmbedTask, ReconstructTask
+
+    AnyTask = EmbedTask | ReconstructTask | ClassifyTask
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 router = APIRouter()  # included behind the API key
 open_router = APIRouter()  # never behind it: probes, scrapers and the demo page
-OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 def _server(request: Request) -> Server:
     return request.app.state.server
 
 
-async def _read(server: Server, request: Request, options_model: type[OptionsT]) -> tuple[list[bytes], OptionsT]:
-    """(image bytes, checked options) of a native inference request."""
-    s = server.settings
-    images, raw = await read_request(request, s.max_images_per_request, s.max_body_bytes)
-    return images, parse_options(options_model, raw)
+async def _run(request: Request, task: AnyTask, options_model: type[BaseModel]) -> tuple[Any, list[Any], list[Any]]:
+    """(job, payloads, results) of a native inference request: the route's graph, the body, the options, the batch."""
+    server = _server(request)
+    server.require(task)
+    images, raw = await read_request(request, server.settings.max_images_per_request, server.settings.max_body_bytes)
+    job = task.prepare(parse_options(options_model, raw))
+    payloads, results = await server.run(request, task, job, images)
+    return job, payloads, results
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
              openapi_extra=request_body_doc(EmbedJsonRequest, EmbedOptions))
 async def embed(request: Request) -> JSONResponse:
     """Embeddings of whole images (the encoder on every patch)."""
-    server = _server(request)
-    task = server.tasks.embed
-    images, options = await _read(server, request, EmbedOptions)
-    job = task.prepare(options)
-    _, tokens = await server.run(request, task, job, images)
+    task = _server(request).tasks.embed
+    job, _, tokens = await _run(request, task, EmbedOptions)
     return JSONResponse(task.respond(job, tokens))
 
 
@@ -72,12 +74,9 @@ async def reconstruct_images(request: Request) -> Response:
     """Mask each image (seeded), encode the visible patches, decode, and show or score the result."""
     server = _server(request)
     task = server.tasks.reconstruct
-    server.require(task)
-    images, options = await _read(server, request, ReconstructOptions)
-    job = task.prepare(options)
-    items, preds = await server.run(request, task, job, images)
+    job, items, preds = await _run(request, task, ReconstructOptions)
     headers = {"X-Seed": str(job.seed)}
-    if options.response_format == "png":
+    if job.response_format == "png":
         return Response(await server.offload(task.respond_png, items, preds), media_type="image/png", headers=headers)
     return JSONResponse(await server.offload(task.respond, job, items, preds), headers=headers)
 
@@ -86,12 +85,8 @@ async def reconstruct_images(request: Request) -> Response:
              openapi_extra=request_body_doc(ClassifyJsonRequest, ClassifyOptions))
 async def classify(request: Request) -> JSONResponse:
     """Top-k labels with softmax scores from the classifier graph."""
-    server = _server(request)
-    task = server.tasks.classify
-    server.require(task)
-    images, options = await _read(server, request, ClassifyOptions)
-    job = task.prepare(options)
-    _, logits = await server.run(request, task, job, images)
+    task = _server(request).tasks.classify
+    job, _, logits = await _run(request, task, ClassifyOptions)
     return JSONResponse(task.respond(job, logits))
 
 

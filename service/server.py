@@ -156,7 +156,7 @@ class Server:
         return image if isinstance(image, ModelImage) else await self.decode_image(image, index)
 
     def require(self, task: Task) -> None:
-        """503 when the model has no graph for the task's route (a model without decoder or classifier)."""
+        """404 not_available when the model has no graph for the task's route (no decoder, no classifier)."""
         if not self.engine.has(task.graph):
             raise NotAvailable(f"{task.route} needs a {task.graph} graph, and model {self.model_dir.spec.name} has none")
 

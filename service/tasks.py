@@ -80,6 +80,7 @@ class ReconstructJob(Job):
     masking: Masking  # every image of a request masked alike
     seed: int
     mask_ratio: float
+    response_format: str  # png or json (native route only)
 
     def payload(self, image: ModelImage) -> MaskedImage:
         return MaskedImage(image, self.masking)
@@ -167,7 +168,7 @@ class ReconstructTask(Task):
             raise InvalidOption(f"mask_ratio {options.mask_ratio} leaves no visible patch out of {num_patches}")
         seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return ReconstructJob(key=QueueKey("encoder+decoder", keep), masking=random_masking(num_patches, keep, seed),
-                              seed=seed, mask_ratio=options.mask_ratio)
+                              seed=seed, mask_ratio=options.mask_ratio, response_format=options.response_format)
 
     def run_batch(self, items: list[MaskedImage], *, alone: bool = False) -> list[np.ndarray]:
         """Decoder predictions [L, p*p*C], one per image (all items of a batch share K)."""
