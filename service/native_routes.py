@@ -52,7 +52,8 @@ async def _run(request: Request, task: AnyTask, options_model: type[BaseModel]) 
     """(job, payloads, results) of a native inference request: the route's graph, the body, the options, the batch."""
     server = _server(request)
     server.require(task)
-    images, raw = await read_request(request, server.settings.max_images_per_request, server.settings.max_body_bytes)
+    s = server.settings
+    images, raw = await read_request(request, max_images=s.max_images_per_request, max_body_bytes=s.max_body_bytes)
     job = task.prepare(parse_options(options_model, raw))
     payloads, results = await server.run(request, task, job, images)
     return job, payloads, results

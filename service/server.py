@@ -143,7 +143,8 @@ class Server:
                 payloads = [job.payload(image) for image in decoded]
                 results = await reservation.submit(payloads, deadline, timing)
         except QueueFull as e:
-            raise Overloaded(f"{e}; retry later", self.settings.queue_full_status, e.retry_after_s) from e
+            raise Overloaded(f"{e}; retry later", status=self.settings.queue_full_status,
+                             retry_after_s=e.retry_after_s) from e
         except QueueClosed as e:
             raise NotReady(str(e), {"Retry-After": "1"}) from e
         except DeadlineExpired as e:
