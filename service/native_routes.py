@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
+from service import __version__, oip_routes
 from service.errors import NotReady, error_response
 from service.inputs import parse_options, read_request
 from service.responses import JSONResponse
@@ -94,7 +95,29 @@ async def classify(request: Request) -> JSONResponse:
 @router.get("/info")
 async def info(request: Request) -> dict[str, Any]:
     """Model card, graphs with their precision and providers in use, batching settings and limits."""
-    return _server(request).info()
+    server = _server(request)
+    spec, s = server.model_dir.spec, server.settings
+    return {
+        "version": __version__,
+        "ready": server.ready,
+        "model": spec.model_dump(mode="json", exclude={"files", "verification"}),
+        "runtime": server.engine.describe(),
+        "routes": {"embed": True, "reconstruct": server.engine.has("decoder"),
+                   "classify": server.engine.has("classifier")},
+        "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
+                     "inference_threads": s.inference_threads, "ort_threads_per_call": s.ort_threads_per_call(),
+                     "max_queue": s.max_queue, "queue_full_status": s.queue_full_status,
+                     "request_timeout_s": s.request_timeout_s},
+        "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
+                   "max_image_pixels": s.max_image_pixels},
+        "auth": bool(s.api_keys),
+        "protocols": {
+            "native": ["POST /embed", "POST /reconstruct", "POST /classify"],
+            "openai": {"routes": ["POST /v1/embeddings", "GET /v1/models"], "model": spec.name},
+            "open_inference_v2": {"rest": "/v2", "extensions": oip_routes.EXTENSIONS,
+                                  "models": list(oip_routes.served_models(server))},
+        },
+    }
 
 
 @open_router.get("/health/live")

@@ -19,7 +19,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from model_dir.schema import ModelDirError, load_model_dir
-from service import __version__, oip_routes
 from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull, RunBatch
 from service.engine import open_engine
 from service.errors import (
@@ -160,27 +159,3 @@ class Server:
         """404 not_available when the model has no graph for the task's route (no decoder, no classifier)."""
         if not self.engine.has(task.graph):
             raise NotAvailable(f"{task.route} needs a {task.graph} graph, and model {self.model_dir.spec.name} has none")
-
-    def info(self) -> dict[str, Any]:
-        spec, s = self.model_dir.spec, self.settings
-        return {
-            "version": __version__,
-            "ready": self.ready,
-            "model": spec.model_dump(mode="json", exclude={"files", "verification"}),
-            "runtime": self.engine.describe(),
-            "routes": {"embed": True, "reconstruct": self.engine.has("decoder"),
-                       "classify": self.engine.has("classifier")},
-            "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
-                         "inference_threads": s.inference_threads, "ort_threads_per_call": s.ort_threads_per_call(),
-                         "max_queue": s.max_queue, "queue_full_status": s.queue_full_status,
-                         "request_timeout_s": s.request_timeout_s},
-            "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
-                       "max_image_pixels": s.max_image_pixels},
-            "auth": bool(s.api_keys),
-            "protocols": {
-                "native": ["POST /embed", "POST /reconstruct", "POST /classify"],
-                "openai": {"routes": ["POST /v1/embeddings", "GET /v1/models"], "model": spec.name},
-                "open_inference_v2": {"rest": "/v2", "extensions": oip_routes.EXTENSIONS,
-                                      "models": list(oip_routes.served_models(self))},
-            },
-        }
