@@ -16,7 +16,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
@@ -99,7 +99,7 @@ class Slots:
 class BatchQueue:
     """One queue (one graph and input shape) with one worker task."""
 
-    def __init__(self, name: str, run_batch: RunBatch, executor: Executor, max_batch_size: int, max_delay_s: float,
+    def __init__(self, name: str, run_batch: RunBatch, executor: Executor, *, max_batch_size: int, max_delay_s: float,
                  max_queue: int, observer: BatchObserver | None = None, slots: Slots | None = None):
         self.name, self.run_batch, self.executor = name, run_batch, executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
@@ -273,23 +273,25 @@ class Reservation:
 
 
 class Batcher:
-    """The queues of one server, created on first use by key (e.g. `encoder`, `reconstruct/K=12`)."""
+    """The queues of one server, created on first use by key (any hashable value: the server's is a
+    `tasks.QueueKey`, graphs and K); `label` names a queue in the observer's metrics."""
 
-    def __init__(self, executor: Executor, max_batch_size: int, max_delay_s: float, max_queue: int,
+    def __init__(self, executor: Executor, *, max_batch_size: int, max_delay_s: float, max_queue: int,
                  observer: BatchObserver | None = None, concurrency: int = 1):
         self.executor = executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.observer = observer
         self.slots = Slots(concurrency)  # the executor should have at least this many threads
-        self.queues: dict[str, BatchQueue] = {}
+        self.queues: dict[Hashable, BatchQueue] = {}
         self.closed = False
 
-    def queue(self, key: str, run_batch: RunBatch, label: str | None = None) -> BatchQueue:
+    def queue(self, key: Hashable, run_batch: RunBatch, *, label: str | None = None) -> BatchQueue:
         if key not in self.queues:
             if self.closed:
                 raise QueueClosed("the server is shutting down")
-            self.queues[key] = BatchQueue(label or key, run_batch, self.executor, self.max_batch_size,
-                                          self.max_delay_s, self.max_queue, self.observer, self.slots)
+            self.queues[key] = BatchQueue(label or str(key), run_batch, self.executor,
+                                          max_batch_size=self.max_batch_size, max_delay_s=self.max_delay_s,
+                                          max_queue=self.max_queue, observer=self.observer, slots=self.slots)
         return self.queues[key]
 
     async def close(self) -> None:

@@ -2,8 +2,8 @@
 
 Two engines implement it: ONNX Runtime (`service/runtime.py`, the default; CPU, CUDA, TensorRT) and
 torch (`service/engine_torch.py`, the `torch` extra; CPU, CUDA), chosen by `MAE_ENGINE`. `open_engine`
-imports the torch one only when it is chosen, so the ONNX-only install never loads torch. Batcher,
-pipelines and routes see this interface only.
+imports the torch one only when it is chosen, so the ONNX-only install never loads torch. The tasks
+(`service/tasks.py`) call it; the server opens and warms it up; nothing else sees an engine.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class InvalidOption(ServiceError):
 class Overloaded(ServiceError):
     type = "overloaded"
 
-    def __init__(self, message: str, status: int, retry_after_s: int):
+    def __init__(self, message: str, *, status: int, retry_after_s: int):
         super().__init__(message, {"Retry-After": str(retry_after_s)})
         self.status = status
 

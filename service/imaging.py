@@ -66,7 +66,7 @@ def read_header(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def decode(im: Image.Image) -> Image.Image:
+def decode_pixels(im: Image.Image) -> Image.Image:
     """The first frame of an image whose header `read_header` accepted, decoded and upright per EXIF."""
     try:
         im.seek(0)
@@ -132,7 +132,7 @@ def load_model_image(data: bytes, prep: Preprocessing, max_pixels: int) -> Model
 
 def to_model_image(header: Image.Image, prep: Preprocessing) -> ModelImage:
     """An image `read_header` accepted -> the model's input (decode, orient, channels, resize, crop, normalize)."""
-    im = decode(header)
+    im = decode_pixels(header)
     try:
         im = resize_and_crop(to_channels(im, prep.channels), prep)
     except (OSError, ValueError) as e:

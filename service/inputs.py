@@ -53,7 +53,7 @@ async def read_json_object(request: Request, example: str) -> dict[str, Any]:
     return body
 
 
-async def read_request(request: Request, max_images: int, max_body_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
+async def read_request(request: Request, *, max_images: int, max_body_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
     """(image bytes in order, raw options) from a multipart, url-encoded or JSON request plus its query."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)

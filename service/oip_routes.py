@@ -22,11 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from model_dir.schema import Pooling
-from service import __version__, tasks
+from service import __version__
 from service.errors import OIP_PREFIX, InvalidBody, NotFound, PayloadTooLarge
 from service.imaging import from_pixels
 from service.inputs import decode_base64_image, parse_options
-from service.masking import MAX_SEED
 from service.oip_tensors import (
     InferRequest,
     InferResponse,
@@ -37,10 +36,11 @@ from service.oip_tensors import (
     parse_infer_request,
 )
 from service.responses import JSONResponse
-from service.tasks import ImageSource
+from service.schemas import ClassifyOptions, EmbedOptions, MaskRatio, ReconstructOptions, Seed
+from service.tasks import ImageSource, MaskedImage, ReconstructTask
 
 if TYPE_CHECKING:
-    from service.app import Server
+    from service.server import Server
 
 PREFIX = OIP_PREFIX
 EXTENSIONS = ["binary_tensor_data"]
@@ -61,8 +61,8 @@ class EmbedParameters(_Parameters):
 
 
 class ReconstructParameters(_Parameters):
-    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    mask_ratio: MaskRatio = 0.75
+    seed: Seed | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ MODELS = {"embed": V2Model("embed", "encoder", EmbedParameters),
 def served_models(server: Server) -> dict[str, V2Model]:
     """Protocol model name -> model, for the graphs the loaded model has."""
     name = server.model_dir.spec.name
-    return {f"{name}-{task}": m for task, m in MODELS.items() if server.runtime.has(m.graph)}
+    return {f"{name}-{task}": m for task, m in MODELS.items() if server.engine.has(m.graph)}
 
 
 def _model(server: Server, name: str, version: str | None) -> V2Model:
@@ -104,7 +104,7 @@ def _outputs(server: Server, model: V2Model) -> list[dict[str, Any]]:
                         {"name": "pasted", "datatype": "FP32", "shape": image},
                         {"name": "mask", "datatype": "UINT8", "shape": [-1, a.num_patches]},
                         {"name": "mse_masked", "datatype": "FP32", "shape": [-1]}],
-        "classify": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(server.pipelines.labels)]},
+        "classify": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(server.tasks.classify.labels)]},
                      {"name": "class_id", "datatype": "INT64", "shape": [-1]},
                      {"name": "label", "datatype": "BYTES", "shape": [-1]}],
     }[model.task]
@@ -237,27 +237,30 @@ def _images(server: Server, tensors: dict[str, Tensor]) -> list[ImageSource]:
 
 async def _run(model: V2Model, server: Server, request: Request, images: list[ImageSource],
                options: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(outputs by name, response parameters) of one model on the images."""
-    route = request.scope["route"].path
+    """(outputs by name, response parameters) of one model on the images, through the native routes' tasks."""
+    tasks = server.tasks
     if model.task == "embed":
-        _, vectors = await tasks.embed(server, request, images, options.pooling, options.normalize)
-        return {"embedding": np.stack(vectors)}, {}
+        embed = tasks.embed.prepare(EmbedOptions(pooling=options.pooling, normalize=options.normalize))
+        _, tokens = await server.run(request, tasks.embed, embed, images)
+        return {"embedding": np.stack(tasks.embed.vectors(embed, tokens))}, {}
     if model.task == "reconstruct":
-        done = await tasks.reconstruct(server, request, route, images, options.mask_ratio, options.seed)
-        pictures = await server.offload(_reconstructions, server, done)
-        return pictures, {"seed": done.seed, "mask_ratio": options.mask_ratio}
-    logits = await tasks.classify(server, request, route, images)
-    probabilities = server.pipelines.probabilities(np.stack(logits)).astype(np.float32)
+        job = tasks.reconstruct.prepare(ReconstructOptions(mask_ratio=options.mask_ratio, seed=options.seed))
+        items, preds = await server.run(request, tasks.reconstruct, job, images)
+        pictures = await server.offload(_reconstructions, tasks.reconstruct, items, preds)
+        return pictures, {"seed": job.seed, "mask_ratio": job.mask_ratio}
+    classify = tasks.classify.prepare(ClassifyOptions(top_k=1))
+    _, logits = await server.run(request, tasks.classify, classify, images)
+    probabilities = tasks.classify.probabilities(np.stack(logits)).astype(np.float32)
     top = np.argmax(probabilities, axis=1)
-    labels = np.array([server.pipelines.labels[i] for i in top], dtype=object)
+    labels = np.array([tasks.classify.labels[i] for i in top], dtype=object)
     return {"probabilities": probabilities, "class_id": top.astype(np.int64), "label": labels}, {}
 
 
-def _reconstructions(server: Server, done: tasks.Reconstructions) -> dict[str, np.ndarray]:
-    found = [server.pipelines.reconstruction(item, pred) for item, pred in zip(done.items, done.preds, strict=True)]
+def _reconstructions(task: ReconstructTask, items: list[MaskedImage], preds: list[np.ndarray]) -> dict[str, np.ndarray]:
+    found = task.reconstructions(items, preds)
     return {"reconstruction": np.stack([r.reconstruction for r in found]).astype(np.float32),
             "pasted": np.stack([r.pasted for r in found]).astype(np.float32),
-            "mask": np.stack([item.masking.mask for item in done.items]).astype(np.uint8),
+            "mask": np.stack([item.masking.mask for item in items]).astype(np.uint8),
             "mse_masked": np.array([np.nan if r.mse_masked is None else r.mse_masked for r in found], np.float32)}
 
 

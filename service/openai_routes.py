@@ -17,19 +17,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import tasks
 from service.errors import InvalidOption, NotFound, PayloadTooLarge, UnsupportedMediaType
 from service.inputs import decode_base64_image, is_json, parse_options, read_json_object
 from service.responses import JSONResponse
-from service.schemas import ErrorResponse
+from service.schemas import ERROR_RESPONSES, EmbedOptions, ErrorResponse
 
 if TYPE_CHECKING:
-    from service.app import Server
+    from service.server import Server
 
 router = APIRouter(tags=["OpenAI-style"])
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n]+$")
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
-                                            for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
 class EmbeddingsRequest(BaseModel):
@@ -106,7 +103,7 @@ def _check(body: dict[str, Any], server: Server) -> EmbeddingsRequest:
     return request
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": {
+@router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": EmbeddingsRequest.model_json_schema()}}}})
 async def create_embeddings(request: Request) -> JSONResponse:
     """Embeddings of images in the OpenAI response shape (`{"object": "list", "data": [...], ...}`)."""
@@ -124,16 +121,17 @@ async def create_embeddings(request: Request) -> JSONResponse:
         raise PayloadTooLarge(f"{len(texts)} images in one request, over the limit of "
                               f"{settings.max_images_per_request}")
     images = [_image_bytes(text, i) for i, text in enumerate(texts)]
-    _, vectors = await tasks.embed(server, request, images, None, True)
-    tokens = len(vectors) * server.model_dir.spec.architecture.num_patches
-    return JSONResponse({
-        "object": "list",
-        "data": [{"object": "embedding", "index": i,
-                  "embedding": server.pipelines.encode_embedding(v, body.encoding_format)}
-                 for i, v in enumerate(vectors)],
-        "model": body.model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })
+    task = server.tasks.embed
+    job = task.prepare(EmbedOptions(encoding_format=body.encoding_format))  # the model's pooling, normalized
+    _, tokens = await server.run(request, task, job, images)
+    vectors = task.vectors(job, tokens)
+    patch_tokens = len(vectors) * server.model_dir.spec.architecture.num_patches
+    return JSONResponse(EmbeddingsResponse.model_construct(
+        object="list", model=body.model,
+        data=[Embedding.model_construct(object="embedding", index=i,
+                                        embedding=task.encode_embedding(v, job.encoding_format))
+              for i, v in enumerate(vectors)],
+        usage=EmbeddingsUsage.model_construct(prompt_tokens=patch_tokens, total_tokens=patch_tokens)))
 
 
 @router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from model_dir.schema import Pooling
 from service.masking import MAX_SEED
+
+MaskRatio = Annotated[float, Field(ge=0.0, lt=1.0)]  # the model-dependent bound (>= 1 patch visible): tasks
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class _Options(BaseModel):
@@ -24,8 +27,8 @@ class EmbedOptions(_Options):
 
 
 class ReconstructOptions(_Options):
-    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0, description="fraction of patches removed (>= 1 stays visible)")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="mask seed; random when absent, always returned")
+    mask_ratio: MaskRatio = Field(0.75, description="fraction of patches removed (>= 1 stays visible)")
+    seed: Seed | None = Field(None, description="mask seed; random when absent, always returned")
     response_format: Literal["png", "json"] = Field(
         "png", description="png: one panel per image (original | masked | reconstruction | pasted); json: details")
 
@@ -133,6 +136,10 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
 def request_body_doc(json_model: type[BaseModel], options_model: type[BaseModel]) -> dict[str, Any]:

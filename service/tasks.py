@@ -1,80 +1,256 @@
-"""The work behind each route, shared by the native routes and the protocol routes (OpenAI-style, OIP v2).
+"""One task per route: `prepare` (checked options -> a job), `run_batch` (one batch, inference thread), `respond`.
 
-Each task checks its options (prepare), runs the images through its batcher queue (the queue keys
-are the ones every route shares, so a request of any protocol joins the same batches, limits and
-metrics), and returns arrays; each route only turns them into its protocol's response. Images come
-as encoded files (bytes, decoded in the pool) or already as the model's input (ModelImage).
+LitServe's decode -> batch -> predict -> unbatch -> encode, made explicit: the server decodes the
+images and runs a job's payloads through the queue its key names (`Server.run`); a task's
+`run_batch` is what one batch computes; its `respond` builds the pydantic response model the
+OpenAPI document shows. The native routes and the protocol routes (OpenAI-style, OIP v2) share
+`prepare` and `run_batch`, so a request of any protocol joins the same batches, limits and
+metrics; a protocol route only has its own response. No HTTP and no queues here.
 """
 
 from __future__ import annotations
 
+import base64
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-from starlette.requests import Request
 
+from model_dir.reconstruction import Reconstruction, panel, panel_row, reconstruct, to_uint8
+from model_dir.schema import ModelDir
+from service.engine import Engine
 from service.errors import InvalidOption
-from service.imaging import ModelImage
+from service.imaging import ModelImage, encode_png
 from service.masking import MAX_SEED, Masking, len_keep, random_masking
-from service.pipelines import MaskedImage
-
-if TYPE_CHECKING:
-    from service.app import Server
+from service.schemas import (
+    ClassifyItem,
+    ClassifyOptions,
+    ClassifyResponse,
+    EmbeddingItem,
+    EmbedOptions,
+    EmbedResponse,
+    PatchGrid,
+    Prediction,
+    ReconstructImages,
+    ReconstructItem,
+    ReconstructOptions,
+    ReconstructResponse,
+    Usage,
+)
 
 ImageSource = bytes | ModelImage  # an encoded file, or an image already at the model's input
+PICTURES = ("original", "masked", "reconstruction", "pasted")
 
 
-async def embed(server: Server, request: Request, images: list[ImageSource], pooling: str | None,
-                normalize: bool) -> tuple[str, list[np.ndarray]]:
-    """(pooling used, one float32 embedding per image) from the `encoder` queue."""
-    pipelines = server.pipelines
-    pooling = pooling or server.model_dir.spec.embedding.default_pooling
-    queue = server.queue("encoder", pipelines.embed_batch, "encoder")
-    _, tokens = await server.infer(request, queue, images)
-    return pooling, [pipelines.pool(t, pooling, normalize) for t in tokens]
+class QueueKey(NamedTuple):
+    """The batcher queue a job joins: the items of one batch share the graphs they run and K."""
+
+    graphs: str  # also the queue's metrics label: encoder, encoder+decoder, classifier
+    num_visible: int | None = None  # K, the visible patches of a reconstruction
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """A request's checked options: the queue its images join and what each image's payload is."""
+
+    key: QueueKey
+
+    def payload(self, image: ModelImage) -> Any:
+        return image
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedJob(Job):
+    pooling: str
+    normalize: bool
+    encoding_format: str
 
 
 @dataclass(frozen=True)
-class Reconstructions:
-    """What reconstruct() returns: the masked items, the decoder's predictions and the mask's facts."""
+class MaskedImage:
+    """A reconstruct payload: the image and its mask."""
 
-    items: list[MaskedImage]
-    preds: list[np.ndarray]
+    image: ModelImage
+    masking: Masking
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconstructJob(Job):
+    masking: Masking  # every image of a request masked alike
     seed: int
-    num_visible: int
+    mask_ratio: float
+    response_format: str  # png or json (native route only)
+
+    def payload(self, image: ModelImage) -> MaskedImage:
+        return MaskedImage(image, self.masking)
 
 
-def masking_for(server: Server, mask_ratio: float, seed: int | None) -> tuple[Masking, int, int]:
-    """(masking, seed used, patches kept); 422 when the ratio leaves no patch visible."""
-    num_patches = server.model_dir.spec.architecture.num_patches
-    keep = len_keep(num_patches, mask_ratio)
-    if keep < 1:
-        raise InvalidOption(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
-    seed = seed if seed is not None else secrets.randbelow(MAX_SEED + 1)
-    return random_masking(num_patches, mask_ratio, seed), seed, keep
+@dataclass(frozen=True, kw_only=True)
+class ClassifyJob(Job):
+    top_k: int
 
 
-async def reconstruct(server: Server, request: Request, route: str, images: list[ImageSource], mask_ratio: float,
-                      seed: int | None) -> Reconstructions:
-    """Mask every image alike (seeded), encode the visible patches, decode: one `reconstruct/K=` queue per K."""
-    server.require("decoder", route)
-    masking, seed, keep = masking_for(server, mask_ratio, seed)
-    queue = server.queue(f"reconstruct/K={keep}", server.pipelines.reconstruct_batch, "encoder+decoder")
-    items, preds = await server.infer(request, queue, images, lambda image: MaskedImage(image, masking))
-    return Reconstructions(items, preds, seed, keep)
+class Task:
+    """What every task holds: the model's description and the engine; `graph` is the one the route needs."""
+
+    route: ClassVar[str]
+    graph: ClassVar[str]
+
+    def __init__(self, *, model_dir: ModelDir, engine: Engine):
+        self.spec = model_dir.spec
+        self.engine = engine
+
+    def usage(self, count: int) -> Usage:
+        return Usage.model_construct(images=count)
 
 
-def check_top_k(server: Server, k: int) -> None:
-    labels = server.pipelines.labels
-    if k > len(labels):
-        raise InvalidOption(f"top_k {k} is over the {len(labels)} labels of model {server.model_dir.spec.name}")
+class EmbedTask(Task):
+    """/embed: the encoder on every patch; the cls token and the mean of the patch tokens, pooled per request."""
+
+    route, graph = "/embed", "encoder"
+    key = QueueKey("encoder")
+
+    def prepare(self, options: EmbedOptions) -> EmbedJob:
+        return EmbedJob(key=self.key, pooling=options.pooling or self.spec.embedding.default_pooling,
+                        normalize=options.normalize, encoding_format=options.encoding_format)
+
+    def run_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
+        """[2, D] float32 per image: the cls token and the mean of the patch tokens of its full-image latent
+        (pooled here, for the whole batch in one numpy call, rather than per request on the event loop)."""
+        pixels = np.stack([i.pixels for i in images])
+        latent = self.engine.encode(pixels, self.engine.all_patches(len(images)), alone=alone)
+        tokens = np.empty((len(images), 2, latent.shape[-1]), dtype=np.float32)
+        tokens[:, 0] = latent[:, 0]
+        np.mean(latent[:, 1:], axis=1, dtype=np.float32, out=tokens[:, 1])
+        return list(tokens)
+
+    @staticmethod
+    def vectors(job: EmbedJob, tokens: list[np.ndarray]) -> list[np.ndarray]:
+        """[2, D] per image from run_batch -> float32 embeddings: cls token, mean of patch tokens, or both."""
+        out = []
+        for t in tokens:
+            vector = {"cls": t[0], "mean": t[1], "cls+mean": t.reshape(-1)}[job.pooling].copy()
+            if job.normalize:
+                vector /= max(float(np.linalg.norm(vector)), 1e-12)
+            out.append(vector)
+        return out
+
+    @staticmethod
+    def encode_embedding(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
+        """float: the float32 array itself (the JSON response writes it as numbers); base64: little-endian f4."""
+        if encoding_format == "base64":
+            return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        return vector
+
+    def respond(self, job: EmbedJob, tokens: list[np.ndarray]) -> EmbedResponse:
+        # model_construct: no validation of what this code builds (an embedding stays a numpy array, written
+        # by orjson); the conformance tests check the bodies against the schema
+        vectors = self.vectors(job, tokens)
+        return EmbedResponse.model_construct(
+            model=self.spec.name, dim=int(vectors[0].shape[0]), pooling=job.pooling, normalized=job.normalize,
+            encoding_format=job.encoding_format, usage=self.usage(len(vectors)),
+            data=[EmbeddingItem.model_construct(index=i, embedding=self.encode_embedding(v, job.encoding_format))
+                  for i, v in enumerate(vectors)])
 
 
-async def classify(server: Server, request: Request, route: str, images: list[ImageSource]) -> list[np.ndarray]:
-    """Logits [num_classes] per image from the `classifier` queue."""
-    server.require("classifier", route)
-    queue = server.queue("classifier", server.pipelines.classify_batch, "classifier")
-    _, logits = await server.infer(request, queue, images)
-    return logits
+class ReconstructTask(Task):
+    """/reconstruct: mask (seeded), encode the visible patches, decode; pictures and errors per image."""
+
+    route, graph = "/reconstruct", "decoder"
+
+    def prepare(self, options: ReconstructOptions) -> ReconstructJob:
+        """The mask every image of the request gets; 422 when the ratio leaves no patch visible (the one place
+        the model-dependent bound is checked; the schema checks 0 <= mask_ratio < 1)."""
+        num_patches = self.spec.architecture.num_patches
+        keep = len_keep(num_patches, options.mask_ratio)
+        if keep < 1:
+            raise InvalidOption(f"mask_ratio {options.mask_ratio} leaves no visible patch out of {num_patches}")
+        seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return ReconstructJob(key=QueueKey("encoder+decoder", keep), masking=random_masking(num_patches, keep, seed),
+                              seed=seed, mask_ratio=options.mask_ratio, response_format=options.response_format)
+
+    def run_batch(self, items: list[MaskedImage], *, alone: bool = False) -> list[np.ndarray]:
+        """Decoder predictions [L, p*p*C], one per image (all items of a batch share K)."""
+        pixels = np.stack([i.image.pixels for i in items])
+        latent = self.engine.encode(pixels, np.stack([i.masking.ids_keep for i in items]), alone=alone)
+        return list(self.engine.decode(latent, np.stack([i.masking.ids_restore for i in items]), alone=alone))
+
+    def reconstructions(self, items: list[MaskedImage], preds: list[np.ndarray]) -> list[Reconstruction]:
+        return [reconstruct(item.image.rgb, pred, item.masking.mask, self.spec.preprocessing,
+                            self.spec.architecture.patch_size, self.spec.norm_pix_loss)
+                for item, pred in zip(items, preds, strict=True)]
+
+    def respond_png(self, items: list[MaskedImage], preds: list[np.ndarray]) -> bytes:
+        """One panel row per image: original | masked | reconstruction | pasted, enlarged when small."""
+        return encode_png(panel([panel_row(r) for r in self.reconstructions(items, preds)]))
+
+    def respond(self, job: ReconstructJob, items: list[MaskedImage], preds: list[np.ndarray]) -> ReconstructResponse:
+        """Per image: the mask, the errors and the four pictures as base64 PNG at the model's resolution."""
+        spec, a = self.spec, self.spec.architecture
+        data = [ReconstructItem.model_construct(
+            index=index, mask=item.masking.mask.tolist(), mse_masked=r.mse_masked,
+            mse_masked_pixels=r.mse_masked_pixels, images=ReconstructImages.model_construct(**{
+                name: base64.b64encode(encode_png(to_uint8(getattr(r, name)))).decode("ascii") for name in PICTURES}))
+            for index, (item, r) in enumerate(zip(items, self.reconstructions(items, preds), strict=True))]
+        grid = PatchGrid.model_construct(rows=a.grid_size, cols=a.grid_size, patch_size=a.patch_size,
+                                         num_patches=a.num_patches, num_visible=job.key.num_visible)
+        return ReconstructResponse.model_construct(
+            model=spec.name, seed=job.seed, mask_ratio=job.mask_ratio, norm_pix_loss=spec.norm_pix_loss,
+            denormalized_with_target_stats=spec.norm_pix_loss, grid=grid, data=data, usage=self.usage(len(data)))
+
+
+class ClassifyTask(Task):
+    """/classify: the classifier graph; softmax scores and the top-k labels."""
+
+    route, graph = "/classify", "classifier"
+    key = QueueKey("classifier")
+
+    def __init__(self, *, model_dir: ModelDir, engine: Engine):
+        super().__init__(model_dir=model_dir, engine=engine)
+        self.labels: list[str] = list(self.spec.labels or [])
+        if not self.labels and model_dir.has("classifier"):
+            num_classes = model_dir.file("classifier").outputs[0].shape[-1]
+            self.labels = [f"class_{i}" for i in range(int(num_classes))]
+
+    def prepare(self, options: ClassifyOptions) -> ClassifyJob:
+        if options.top_k > len(self.labels):
+            raise InvalidOption(f"top_k {options.top_k} is over the {len(self.labels)} labels of model "
+                                f"{self.spec.name}")
+        return ClassifyJob(key=self.key, top_k=options.top_k)
+
+    def run_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
+        """Logits [num_classes], one per image."""
+        return list(self.engine.classify(np.stack([i.pixels for i in images]), alone=alone))
+
+    @staticmethod
+    def probabilities(logits: np.ndarray) -> np.ndarray:
+        """Softmax over the last axis (float64, shifted by the maximum)."""
+        z = logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)
+        return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+
+    def top_k(self, logits: np.ndarray, k: int) -> list[Prediction]:
+        """Softmax over the logits, the k most probable classes first."""
+        probs = self.probabilities(logits)
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [Prediction.model_construct(label=self.labels[i], class_id=int(i), score=float(probs[i]))
+                for i in order]
+
+    def respond(self, job: ClassifyJob, logits: list[np.ndarray]) -> ClassifyResponse:
+        return ClassifyResponse.model_construct(
+            model=self.spec.name, usage=self.usage(len(logits)),
+            data=[ClassifyItem.model_construct(index=i, predictions=self.top_k(row, job.top_k))
+                  for i, row in enumerate(logits)])
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """The server's three tasks."""
+
+    embed: EmbedTask
+    reconstruct: ReconstructTask
+    classify: ClassifyTask
+
+    @classmethod
+    def open(cls, *, model_dir: ModelDir, engine: Engine) -> Tasks:
+        return cls(*(task(model_dir=model_dir, engine=engine) for task in (EmbedTask, ReconstructTask, ClassifyTask)))

@@ -13,6 +13,7 @@ from service_helpers import metric, sample_png
 
 from service.app import create_app
 from service.settings import Settings
+from service.tasks import EmbedTask
 
 
 @asynccontextmanager
@@ -62,7 +63,7 @@ def test_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(ti
                                 inference_threads=1) as client:
             assert (await embed(client, sample_png())).status_code == 200  # a lone request never waits
             runs_before = metric((await client.get("/metrics")).text, "mae_ort_runs_total", graph="encoder")
-            queue = client._transport.app.state.server.batcher.queues["encoder"]
+            queue = client._transport.app.state.server.batcher.queues[EmbedTask.key]
             with queue.reserve(1):
                 b = await embed(client, sample_png())
             assert b.status_code == 504 and b.json()["error"]["type"] == "deadline_exceeded", b.text

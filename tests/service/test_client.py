@@ -22,7 +22,7 @@ import uvicorn
 from PIL import Image
 from service_helpers import ROOT, free_port, metric, sample_png, wait_until_ready
 
-from service.app import Server, create_app
+from service.app import create_app
 from service.client import (
     AsyncClient,
     Client,
@@ -33,6 +33,7 @@ from service.client import (
     UnauthorizedError,
     png_from_array,
 )
+from service.server import Server
 from service.settings import Settings
 
 KEY = "client-test-key"
@@ -60,7 +61,8 @@ class Live:
         held = threading.Event()
 
         async def hold() -> None:
-            queue = self.server.queue("encoder", self.server.pipelines.embed_batch, "encoder")
+            task = self.server.tasks.embed
+            queue = self.server.queue(task.key, task.run_batch)
             with queue.reserve(self.server.settings.max_queue):
                 held.set()
                 await asyncio.sleep(seconds)

@@ -16,7 +16,7 @@ from service.imaging import (
     ImageRejected,
     ImageTooLarge,
     UnsupportedImage,
-    decode,
+    decode_pixels,
     encode_png,
     load_model_image,
     read_header,
@@ -26,7 +26,7 @@ from service.imaging import (
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """What the server does with client bytes before converting them: header checks, then the decode."""
-    return decode(read_header(data, max_pixels))
+    return decode_pixels(read_header(data, max_pixels))
 
 
 GRAY = Preprocessing(resize=28, crop=28, channels="L", mean=[0.286], std=[0.353])

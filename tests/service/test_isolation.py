@@ -54,3 +54,27 @@ def test_model_dir_package_imports_neither_side() -> None:
     assert sources
     for path in sources:
         assert not forbidden.search(path.read_text()), path
+
+
+SERVICE_LAYERS = {  # docs/architecture.md "Inside service/": a module imports no module of a higher layer
+    "app": 3,
+    "native_routes": 2, "openai_routes": 2, "oip_routes": 2,
+    "server": 1, "tasks": 1,
+    "engine": 0, "runtime": 0, "engine_torch": 0, "batcher": 0,
+}
+
+
+def test_service_modules_import_no_layer_above_them() -> None:
+    """Routes never reach into the app, state and tasks never into routes, engines and batcher into neither;
+    tasks know nothing of the server (TYPE_CHECKING imports, for annotations only, are allowed)."""
+    imports = re.compile(r"^(?:from service\.(\w+) import|from service import ([\w, ]+)|import service\.(\w+))",
+                         re.MULTILINE)
+    type_checking_block = re.compile(r"^if TYPE_CHECKING:\n(?:(?:[ \t]+.*)?\n)*", re.MULTILINE)
+    upward = []
+    for name, layer in SERVICE_LAYERS.items():
+        source = type_checking_block.sub("", (ROOT / "service" / f"{name}.py").read_text())
+        for match in imports.finditer(source):
+            for imported in ",".join(g for g in match.groups() if g).replace(" ", "").split(","):
+                if SERVICE_LAYERS.get(imported, -1) > layer or (name == "tasks" and imported == "server"):
+                    upward.append(f"{name} imports {imported}")
+    assert upward == []

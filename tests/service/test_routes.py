@@ -102,8 +102,8 @@ def test_embed_accepts_every_format(client: TestClient, fmt: str) -> None:
 
 
 def test_small_images_decode_inline_and_the_rest_in_the_pool(client: TestClient) -> None:
-    """Where each image is decoded (Server.decode), and that every path gives the same embedding."""
-    from service.app import INLINE_DECODE_MAX_BYTES, INLINE_DECODE_MAX_PIXELS
+    """Where each image is decoded (Server.decode_image), and that every path gives the same embedding."""
+    from service.server import INLINE_DECODE_MAX_BYTES, INLINE_DECODE_MAX_PIXELS
 
     server = client.app.state.server
     offloaded: list[str] = []
@@ -119,7 +119,7 @@ def test_small_images_decode_inline_and_the_rest_in_the_pool(client: TestClient)
     many_bytes = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 150), dtype=np.uint8)), "PNG")
     assert len(tiny) <= INLINE_DECODE_MAX_BYTES and 28 * 28 <= INLINE_DECODE_MAX_PIXELS
     assert len(many_pixels) <= INLINE_DECODE_MAX_BYTES < len(many_bytes)
-    for data, expected in ((tiny, []), (many_pixels, ["finish"]), (many_bytes, ["load"])):
+    for data, expected in ((tiny, []), (many_pixels, ["to_model_image"]), (many_bytes, ["load_model_image"])):
         offloaded.clear()
         r = client.post("/embed", files=files(data))
         assert r.status_code == 200, r.text
@@ -128,7 +128,7 @@ def test_small_images_decode_inline_and_the_rest_in_the_pool(client: TestClient)
     # The same picture gives the same embedding however it was decoded.
     same = Image.new("RGB", (120, 120), (90, 90, 90))
     embeddings = []
-    for kw, expected in (({}, []), ({"compress_level": 0}, ["load"])):  # a few hundred bytes, or 43 KB
+    for kw, expected in (({}, []), ({"compress_level": 0}, ["load_model_image"])):  # a few hundred bytes, or 43 KB
         offloaded.clear()
         embeddings.append(client.post("/embed", files=files(encode(same, "PNG", **kw))).json()["data"][0]["embedding"])
         assert offloaded == expected

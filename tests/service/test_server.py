@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from service_helpers import ROOT, metric, sample_png, server_process
 
-from service.app import INLINE_DECODE_MAX_BYTES
 from service.metrics import MULTIPROC_DIR_ENV, Metrics
+from service.server import INLINE_DECODE_MAX_BYTES
 
 FMNIST = ROOT / "tests" / "fixtures" / "fmnist"
 

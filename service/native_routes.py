@@ -1,0 +1,151 @@
+"""The native routes: /embed, /reconstruct, /classify and /info (behind the API key when one is set), and the
+open ones: health, metrics, the demo page and its samples.
+
+Each inference route reads the request (images and options), has its task prepare the job, runs it
+on the server and returns the task's response model; the work itself lives in `service.tasks`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+
+from service import __version__, oip_routes
+from service.errors import NotReady, error_response
+from service.inputs import parse_options, read_request
+from service.responses import JSONResponse
+from service.schemas import (
+    ERROR_RESPONSES,
+    ClassifyJsonRequest,
+    ClassifyOptions,
+    ClassifyResponse,
+    EmbedJsonRequest,
+    EmbedOptions,
+    EmbedResponse,
+    ErrorResponse,
+    ReconstructJsonRequest,
+    ReconstructOptions,
+    ReconstructResponse,
+    request_body_doc,
+)
+
+if TYPE_CHECKING:
+    from service.server import Server
+    from service.tasks import ClassifyTask, EmbedTask, ReconstructTask
+
+    AnyTask = EmbedTask | ReconstructTask | ClassifyTask
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+router = APIRouter()  # included behind the API key
+open_router = APIRouter()  # never behind it: probes, scrapers and the demo page
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def _run(request: Request, task: AnyTask, options_model: type[BaseModel]) -> tuple[Any, list[Any], list[Any]]:
+    """(job, payloads, results) of a native inference request: the route's graph, the body, the options, the batch."""
+    server = _server(request)
+    server.require(task)
+    s = server.settings
+    images, raw = await read_request(request, max_images=s.max_images_per_request, max_body_bytes=s.max_body_bytes)
+    job = task.prepare(parse_options(options_model, raw))
+    payloads, results = await server.run(request, task, job, images)
+    return job, payloads, results
+
+
+@router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
+             openapi_extra=request_body_doc(EmbedJsonRequest, EmbedOptions))
+async def embed(request: Request) -> JSONResponse:
+    """Embeddings of whole images (the encoder on every patch)."""
+    task = _server(request).tasks.embed
+    job, _, tokens = await _run(request, task, EmbedOptions)
+    return JSONResponse(task.respond(job, tokens))
+
+
+@router.post("/reconstruct", response_model=ReconstructResponse, responses={
+    **ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": "PNG panel, or JSON with response_format=json"}},
+    openapi_extra=request_body_doc(ReconstructJsonRequest, ReconstructOptions))
+async def reconstruct_images(request: Request) -> Response:
+    """Mask each image (seeded), encode the visible patches, decode, and show or score the result."""
+    server = _server(request)
+    task = server.tasks.reconstruct
+    job, items, preds = await _run(request, task, ReconstructOptions)
+    headers = {"X-Seed": str(job.seed)}
+    if job.response_format == "png":
+        return Response(await server.offload(task.respond_png, items, preds), media_type="image/png", headers=headers)
+    return JSONResponse(await server.offload(task.respond, job, items, preds), headers=headers)
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
+             openapi_extra=request_body_doc(ClassifyJsonRequest, ClassifyOptions))
+async def classify(request: Request) -> JSONResponse:
+    """Top-k labels with softmax scores from the classifier graph."""
+    task = _server(request).tasks.classify
+    job, _, logits = await _run(request, task, ClassifyOptions)
+    return JSONResponse(task.respond(job, logits))
+
+
+@router.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    """Model card, graphs with their precision and providers in use, batching settings and limits."""
+    server = _server(request)
+    spec, s = server.model_dir.spec, server.settings
+    return {
+        "version": __version__,
+        "ready": server.ready,
+        "model": spec.model_dump(mode="json", exclude={"files", "verification"}),
+        "runtime": server.engine.describe(),
+        "routes": {"embed": True, "reconstruct": server.engine.has("decoder"),
+                   "classify": server.engine.has("classifier")},
+        "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
+                     "inference_threads": s.inference_threads, "ort_threads_per_call": s.ort_threads_per_call(),
+                     "max_queue": s.max_queue, "queue_full_status": s.queue_full_status,
+                     "request_timeout_s": s.request_timeout_s},
+        "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
+                   "max_image_pixels": s.max_image_pixels},
+        "auth": bool(s.api_keys),
+        "protocols": {
+            "native": ["POST /embed", "POST /reconstruct", "POST /classify"],
+            "openai": {"routes": ["POST /v1/embeddings", "GET /v1/models"], "model": spec.name},
+            "open_inference_v2": {"rest": "/v2", "extensions": oip_routes.EXTENSIONS,
+                                  "models": list(oip_routes.served_models(server))},
+        },
+    }
+
+
+@open_router.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "live"}
+
+
+@open_router.get("/health/ready", responses={503: {"model": ErrorResponse}})
+async def ready(request: Request) -> Response:
+    server = _server(request)
+    if server.ready:
+        return JSONResponse({"status": "ready"})
+    reason = f"warm-up failed: {server.warmup_error}" if server.warmup_error else "warming up"
+    return error_response(503, NotReady.type, reason, {"Retry-After": "1"})
+
+
+@open_router.get("/metrics", response_class=PlainTextResponse, responses={200: {
+    "content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text exposition 0.0.4"}})
+async def metrics(request: Request) -> Response:
+    return Response(_server(request).metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@open_router.get("/", include_in_schema=False)
+async def demo() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+@open_router.get("/samples", include_in_schema=False)
+async def samples() -> list[dict[str, str]]:
+    """The bundled demo images, by name."""
+    return [{"name": p.stem, "url": f"/samples/{p.name}"} for p in sorted(SAMPLES_DIR.glob("*.png"))]

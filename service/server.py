@@ -1,0 +1,161 @@
+"""Per-process state: the model directory, the engine, the tasks, the thread pools, the batcher and readiness.
+
+`Server(settings)` loads and checks the model directory and opens the engine at once (a bad
+directory fails here, with a message naming the file); `lifespan` starts the pools and the
+warm-up, and on shutdown finishes every accepted request before the pools stop. A request's
+images are decoded here (`decode_image`) and run through its task's queue (`run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from model_dir.schema import ModelDirError, load_model_dir
+from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull, RunBatch
+from service.engine import open_engine
+from service.errors import (
+    DeadlineExceeded,
+    InvalidImage,
+    NotAvailable,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from service.imaging import ImageRejected, ModelImage, load_model_image, read_header, to_model_image
+from service.metrics import Metrics
+from service.settings import BUNDLED_MODEL_DIR, Settings
+from service.tasks import ImageSource, Job, QueueKey, Task, Tasks
+
+log = logging.getLogger("service")
+
+INLINE_DECODE_MAX_BYTES = 16 * 1024  # Server.decode_image: images decoded on the event loop, not in the pool
+INLINE_DECODE_MAX_PIXELS = 128 * 128
+
+
+def _checked(step: Callable[..., Any], index: int, *args: Any) -> Any:
+    """A decoding step, its ImageRejected turned into the client error for image `index`."""
+    try:
+        return step(*args)
+    except ImageRejected as e:
+        error = {"unsupported": UnsupportedMediaType, "too_large": PayloadTooLarge}.get(e.kind, InvalidImage)
+        raise error(f"image {index}: {e}") from e
+
+
+class Server:
+    """Per-process state: the model, its engine and tasks, the pools, the batcher, and readiness."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        if settings.model_dir == BUNDLED_MODEL_DIR and not BUNDLED_MODEL_DIR.is_dir():
+            raise ModelDirError(f"{BUNDLED_MODEL_DIR}: the bundled default model is not installed; "
+                                "pass --model-dir or set MAE_MODEL_DIR to a directory written by mae-export")
+        self.model_dir = load_model_dir(settings.model_dir, verify_hashes=settings.verify_hashes)
+        self.metrics = Metrics()
+        self.engine = open_engine(self.model_dir, settings, on_run=self.metrics.ort_run)
+        self.tasks = Tasks.open(model_dir=self.model_dir, engine=self.engine)
+        self.ready = False
+        self.warmup_error: str | None = None
+        self.batcher: Batcher | None = None
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.metrics.info.labels(self.model_dir.spec.name, self.model_dir.spec.version, self.engine.device,
+                                 self.engine.precision("encoder")).set(1)
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        s = self.settings
+        inference_pool = ThreadPoolExecutor(s.inference_threads, thread_name_prefix="mae-inference")
+        self.decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="mae-decode")
+        self.batcher = Batcher(inference_pool, max_batch_size=s.max_batch_size, max_delay_s=s.max_batch_delay_ms / 1000,
+                               max_queue=s.max_queue, observer=self.metrics, concurrency=s.inference_threads)
+        started = time.monotonic()
+        warm_up = asyncio.get_running_loop().run_in_executor(inference_pool, self.engine.warm_up)
+        warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
+        graphs = ", ".join(f"{g} {d['precision']} on {d['providers'][0]}"
+                           for g, d in self.engine.describe()["graphs"].items())
+        log.info("model %s %s from %s on %s: %s; %d inference threads x %d threads per call "
+                 "(a batch that runs alone: %s)", self.model_dir.spec.name, self.model_dir.spec.version,
+                 self.model_dir.root, self.engine.name, graphs, s.inference_threads, s.ort_threads_per_call(),
+                 f"{self.engine.lone_threads} threads" if self.engine.lone_threads else "the same")
+        try:
+            yield
+        finally:
+            await self.batcher.close()  # uvicorn has already waited for the open requests
+            inference_pool.shutdown(wait=True)
+            self.decode_pool.shutdown(wait=True)
+            self.metrics.close()
+
+    def _warmed_up(self, future: asyncio.Future[None], seconds: float) -> None:
+        if future.cancelled() or future.exception():
+            self.warmup_error = repr(future.exception()) if not future.cancelled() else "cancelled"
+            log.error("warm-up failed, staying unready: %s", self.warmup_error)
+            return
+        self.ready = True
+        log.info("warm-up done in %.2f s; providers in use: %s", seconds,
+                 {g: d["providers"] for g, d in self.engine.describe()["graphs"].items()})
+
+    def queue(self, key: QueueKey, run_batch: RunBatch) -> BatchQueue:
+        """The batcher queue for `key` (created on first use; its metrics label is the key's graphs)."""
+        assert self.batcher is not None, "the app's lifespan has not started"
+        try:
+            return self.batcher.queue(key, run_batch, label=key.graphs)
+        except QueueClosed as e:
+            raise NotReady(str(e), {"Retry-After": "1"}) from e
+
+    async def decode_image(self, data: bytes, index: int) -> ModelImage:
+        """Client bytes -> the model's input: small images on the event loop, the rest in the decode pool.
+
+        Handing a 28x28 PNG to a pool thread and back costs more CPU (two thread switches and GIL
+        hand-overs, which also stall the inference threads) than decoding it. The inline work is bounded:
+        a header parsed from at most INLINE_DECODE_MAX_BYTES, pixels decoded for at most
+        INLINE_DECODE_MAX_PIXELS; anything larger goes to the pool.
+        """
+        prep, max_pixels = self.model_dir.spec.preprocessing, self.settings.max_image_pixels
+        if len(data) > INLINE_DECODE_MAX_BYTES:
+            return await self.offload(_checked, load_model_image, index, data, prep, max_pixels)
+        header = _checked(read_header, index, data, max_pixels)
+        if header.width * header.height > INLINE_DECODE_MAX_PIXELS:
+            return await self.offload(_checked, to_model_image, index, header, prep)
+        return _checked(to_model_image, index, header, prep)
+
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU work (decoding, PNG encoding) in the decode pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    async def run(self, request: Request, task: Task, job: Job, images: list[ImageSource]) -> tuple[list[Any], list[Any]]:
+        """Reserve queue room, decode the images, run their payloads through the job's queue: (payloads, results)."""
+        deadline = request.state.t0 + self.settings.request_timeout_s
+        timing = BatchTiming()
+        request.state.timing = timing
+        queue = self.queue(job.key, task.run_batch)
+        try:
+            with queue.reserve(len(images)) as reservation:
+                decoded = await asyncio.gather(*(self._model_image(image, i) for i, image in enumerate(images)))
+                payloads = [job.payload(image) for image in decoded]
+                results = await reservation.submit(payloads, deadline, timing)
+        except QueueFull as e:
+            raise Overloaded(f"{e}; retry later", status=self.settings.queue_full_status,
+                             retry_after_s=e.retry_after_s) from e
+        except QueueClosed as e:
+            raise NotReady(str(e), {"Retry-After": "1"}) from e
+        except DeadlineExpired as e:
+            raise DeadlineExceeded(f"{e} (request timeout {self.settings.request_timeout_s} s)") from e
+        route = request.scope.get("route")
+        self.metrics.images.labels(getattr(route, "path", request.url.path)).inc(len(images))
+        return payloads, results
+
+    async def _model_image(self, image: ImageSource, index: int) -> ModelImage:
+        return image if isinstance(image, ModelImage) else await self.decode_image(image, index)
+
+    def require(self, task: Task) -> None:
+        """404 not_available when the model has no graph for the task's route (no decoder, no classifier)."""
+        if not self.engine.has(task.graph):
+            raise NotAvailable(f"{task.route} needs a {task.graph} graph, and model {self.model_dir.spec.name} has none")
