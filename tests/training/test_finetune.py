@@ -47,3 +47,28 @@ def test_resume_restores_the_grad_scaler(tiny_checkpoint: Path, tmp_path: Path, 
     assert b["scaler"] == a["scaler"] and a["scaler"]["scale"] == 2.0 * 2**8  # the resumed scaler went on from 32
     assert step_losses(stopped) == step_losses(straight)  # drop path's draws too are a function of the step
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_scratch_init_is_the_mae_initialisation(tiny_checkpoint: Path) -> None:
+    """`--init scratch` ignores the checkpoint's weights: fixed sin-cos positions, fresh xavier weights."""
+    from model import Checkpoint
+    from model.mae import get_2d_sincos_pos_embed
+
+    src = Checkpoint.load(tiny_checkpoint)
+    args = finetune.build_parser().parse_args(["--checkpoint", str(tiny_checkpoint), "--init", "scratch"])
+    torch.manual_seed(0)
+    model = finetune._from_scratch(src.config, 10, args)
+    pos = torch.from_numpy(get_2d_sincos_pos_embed(src.config.embed_dim, src.config.grid_size, cls_token=True))
+    assert torch.allclose(model.pos_embed[0], pos.float())
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, src.model["blocks.0.attn.qkv.weight"])
+    assert model.blocks[0].attn.qkv.weight.std() > 0.01 and model.head.weight.abs().max() < 1e-3
+
+
+@needs_fmnist
+def test_subset_finetune_from_scratch_trains_on_the_subset(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    finetune.cli(["--checkpoint", str(tiny_checkpoint), "--init", "scratch", "--subset-per-class", "3",
+                  "--val-size", "100", "--limit", "600", "--batch-size", "10", "--epochs", "2", "--eval-every", "5",
+                  "--quiet", "--output-dir", str(tmp_path)])
+    metrics = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["metrics"]
+    assert metrics["train_images"] == 30 and metrics["steps"] == 6 and metrics["init"] == "scratch"
+    assert metrics["eval_split"] == "val" and metrics["epochs"] == 2  # evaluated after the last epoch only
