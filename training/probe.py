@@ -23,7 +23,7 @@ from tqdm import tqdm
 from model import Checkpoint, ClassifierRecord, probe_head
 from training.cli import run_cli
 from training.common import read_pretrained, run_args
-from training.data import SeededDataset, build_dataset, keep_class_balanced
+from training.data import SeededDataset, build_dataset
 from training.optim import lr_at, set_lr
 
 POOLINGS = ("cls", "mean", "cls+mean")
@@ -62,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="default: the checkpoint's training data set")
     p.add_argument("--data-path", default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--subset-per-class", type=int, default=None, help="train on N images per class (class-balanced)")
-    p.add_argument("--subset-seed", type=int, default=0, help="the draw of --subset-per-class")
     p.add_argument("--val-size", type=int, default=5000, help="held-out training images for --pooling best")
     p.add_argument("--optimizer", default="lars", choices=["lars", "lbfgs"])
     p.add_argument("--l2", type=float, nargs="+", default=[1e-4],
@@ -152,7 +150,6 @@ def main(args: argparse.Namespace) -> None:
     config = ckpt.config
     train = build_dataset(dataset_name, "train", config.img_size, config.in_chans, train=False,
                           root=args.data_path, limit=args.limit)
-    keep_class_balanced(train, args.subset_per_class, args.subset_seed)
     test = build_dataset(dataset_name, "test", config.img_size, config.in_chans, train=False, root=args.data_path)
     x_train, y_train, x_test, y_test = features(ckpt.autoencoder(str(args.checkpoint)), train, test, args)
     num_classes = len(train.labels)
