@@ -83,14 +83,14 @@ def _finetune(args: argparse.Namespace, info: DistInfo) -> None:
         return criterion(net(imgs.to(info.device)), labels.to(info.device))
 
     def on_epoch_end(epoch: int, loss: float) -> None:
-        if (epoch + 1) % args.eval_every and epoch + 1 != args.epochs:
-            return
-        acc = evaluate_top1(model, test_loader, info.device) if info.is_main else 0.0
-        log.write(epoch=epoch, **{f"{split}_top1": acc})
-        if info.is_main and not args.quiet:
-            print(f"  {split} top-1 {acc:.2f}%", flush=True)
-        metrics = {"train_loss": loss, "finetune_top1": acc, "eval_split": split, "epochs": epoch + 1,
+        metrics = {"train_loss": loss, "eval_split": split, "epochs": epoch + 1,
                    "steps": (epoch + 1) * len(loader), "train_images": len(train), "init": args.init}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            acc = evaluate_top1(model, test_loader, info.device) if info.is_main else 0.0
+            log.write(epoch=epoch, **{f"{split}_top1": acc})
+            if info.is_main and not args.quiet:
+                print(f"  {split} top-1 {acc:.2f}%", flush=True)
+            metrics["finetune_top1"] = acc
         head = ClassifierRecord(head_type="finetune", pooling="mean", num_classes=len(train.labels),
                                 labels=list(train.labels), metrics=metrics)
         save_epoch(run.checkpoint(epoch=epoch, args=args, config=config, kind="finetune", data=src.data,

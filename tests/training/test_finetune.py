@@ -65,10 +65,19 @@ def test_scratch_init_is_the_mae_initialisation(tiny_checkpoint: Path) -> None:
 
 
 @needs_fmnist
-def test_subset_finetune_from_scratch_trains_on_the_subset(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    finetune.cli(["--checkpoint", str(tiny_checkpoint), "--init", "scratch", "--subset-per-class", "3",
-                  "--val-size", "100", "--limit", "600", "--batch-size", "10", "--epochs", "2", "--eval-every", "5",
-                  "--quiet", "--output-dir", str(tmp_path)])
-    metrics = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["metrics"]
+def test_subset_from_scratch_resumes_between_evaluations(tiny_checkpoint: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subset run from scratch, evaluated on held-out training images after its last epoch only, still
+    checkpoints every epoch: stopped after the first, it resumes to the uninterrupted run's every step."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    base = ["--checkpoint", str(tiny_checkpoint), "--init", "scratch", "--subset-per-class", "3", "--val-size", "100",
+            "--limit", "600", "--batch-size", "10", "--epochs", "2", "--eval-every", "5", "--log-every", "1",
+            "--quiet", "--seed", "1"]
+    finetune.cli([*base, "--output-dir", str(straight)])
+    run_killed_after_first_epoch(finetune, [*base, "--output-dir", str(stopped)], monkeypatch)
+    assert "finetune_top1" not in saved(stopped)["metrics"]  # epoch 1 was not evaluated, but saved
+    finetune.cli([*base, "--output-dir", str(stopped), "--resume", "auto"])
+    assert step_losses(stopped) == step_losses(straight)
+    metrics = saved(stopped)["metrics"]
     assert metrics["train_images"] == 30 and metrics["steps"] == 6 and metrics["init"] == "scratch"
-    assert metrics["eval_split"] == "val" and metrics["epochs"] == 2  # evaluated after the last epoch only
+    assert metrics["eval_split"] == "val" and 0.0 <= metrics["finetune_top1"] <= 100.0
