@@ -2,14 +2,15 @@
 and the linear probe on frozen MAE vs frozen random-init features, on class-balanced subsets of the
 Fashion-MNIST training split (top-1 on the full 10k test split).
 
-Every run is a `mae-finetune` or `mae-probe` call (flags `--init`, `--subset-per-class`,
-`--subset-seed`, `--val-size`); the same recipe, augmentation and step budget for both arms at each
-size. Runs are resumable (`--resume auto`; a finished run leaves `result.json` and is skipped), and
-several `run` processes share the plan by claim files (a claim of a dead process is taken over).
+Every fine-tune is a `mae-finetune` call (flags `--init`, `--subset-per-class`, `--subset-seed`,
+`--val-size`), with the same recipe, augmentation and step budget for both arms at each size; the
+probes use `training/probe.py`'s L-BFGS logistic regression on features extracted once per encoder. Runs are resumable (`--resume auto`; a finished run leaves `result.json` and is skipped), and
+several `run` processes share the plan by claim files (a claim of a dead process is taken over); the
+scratch arm's lr sweep (on images held out of the training split) runs first and its finals wait for it.
 
     python benchmarks/label_efficiency.py prepare   # the bundled MAE's weights as a checkpoint, checked
-    nice -n 10 python benchmarks/label_efficiency.py run --worker 0/2 &   # two processes share the plan:
-    nice -n 10 python benchmarks/label_efficiency.py run --worker 1/2 &   # the scratch lr sweep first
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 0/2 --extra-seed &
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 1/2 --extra-seed &
     python benchmarks/label_efficiency.py collect   # JSON and plot in docs/model_card/
 """
 
@@ -43,7 +44,7 @@ BATCH = 64
 # the same for both arms at each size; sized for one 2-core session (~0.5-1 s per step on one thread): 1% is
 # 44 epochs of 9 steps, 10% 4 epochs of 93 steps
 BUDGET_STEPS = {"1%": 400, "10%": 400}
-SEEDS = {"1%": [0, 1, 2], "10%": [0, 1]}  # 10% seed 2: `run --extra-seed`
+SEEDS = {"1%": [0, 1, 2], "10%": [0, 1]}  # and 10% seed 2 with `run --extra-seed`
 # the recipe of configs/finetune_fmnist.toml; the scratch arm gets layer decay 1.0 (nothing pretrained to keep)
 RECIPE = ["--batch-size", str(BATCH), "--drop-path", "0.1", "--label-smoothing", "0.1", "--crop-scale-min", "0.8",
           "--weight-decay", "0.05", "--min-lr", "1e-6"]
