@@ -54,6 +54,8 @@ TUNE_BLRS = [5e-4, 1.5e-3, 4e-3, 1e-2]
 WARMUP_FRACTION = 0.1  # of the step budget
 PROBE_L2 = [1e-4, 1e-3, 1e-2, 1e-1]
 PROBE_VAL_FRACTION = 0.2  # of the subset, held out to choose pooling and L2
+PLOT_NAMES = {"pretrained": "fine-tuned, MAE-pretrained", "scratch": "fine-tuned, from scratch",
+              "probe-mae": "linear probe, frozen MAE encoder", "probe-random": "linear probe, frozen random init"}
 VAL_SIZE = 5000
 
 
@@ -220,7 +222,7 @@ def collect() -> dict:
     sweep = [r for r in runs if r["eval_split"] == "val"]
     finals = [r for r in runs if r["eval_split"] == "test"]
     summary = {}
-    for arm in [*ARMS, "probe-mae", "probe-random"]:
+    for arm in PLOT_NAMES:
         for size in PER_CLASS:
             top1 = [r["top1"] for r in finals if r["arm"] == arm and r["size"] == size]
             if top1:
@@ -231,12 +233,12 @@ def collect() -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "label_efficiency.json").write_text(json.dumps(out, indent=1))
     series, errors = {}, {}
-    for arm in [*ARMS, "probe-mae", "probe-random"]:
+    for arm, name in PLOT_NAMES.items():
         rows = [summary[f"{arm} {size}"] for size in PER_CLASS if f"{arm} {size}" in summary]
-        series[arm] = [(math.log10(float(r["size"].rstrip("%"))), r["mean"]) for r in rows]
-        errors[arm] = [0.0 if math.isnan(r["std"]) else r["std"] for r in rows]
+        errors[name] = [0.0 if math.isnan(r["std"]) else r["std"] for r in rows]
+        series[name] = [(math.log10(float(r["size"].rstrip("%"))), r["mean"]) for r in rows]
     line_plot(series, RESULTS / "label_efficiency.png", "Fashion-MNIST test top-1 by labelled fraction",
-              "log10(% of training labels)", "top-1 %", errors=errors)
+              "log10(% of training labels): 0 = 1%, 1 = 10%", "top-1 % (mean ± std)", errors=errors)
     for key, r in summary.items():
         print(f"| {key} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} |")
     return out
