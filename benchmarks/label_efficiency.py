@@ -227,7 +227,7 @@ def collect() -> dict:
             top1 = [r["top1"] for r in finals if r["arm"] == arm and r["size"] == size]
             if top1:
                 summary[f"{arm} {size}"] = {"arm": arm, "size": size, "n": len(top1), "mean": statistics.mean(top1),
-                                            "std": statistics.stdev(top1) if len(top1) > 1 else math.nan}
+                                            "std": statistics.stdev(top1) if len(top1) > 1 else None}
     out = {"budget_steps": BUDGET_STEPS, "batch_size": BATCH, "per_class": PER_CLASS, "tune_blrs": TUNE_BLRS,
            "scratch_blr": best_scratch_blr(), "summary": summary, "sweep": sweep, "runs": finals}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -235,12 +235,12 @@ def collect() -> dict:
     series, errors = {}, {}
     for arm, name in PLOT_NAMES.items():
         rows = [summary[f"{arm} {size}"] for size in PER_CLASS if f"{arm} {size}" in summary]
-        errors[name] = [0.0 if math.isnan(r["std"]) else r["std"] for r in rows]
+        errors[name] = [r["std"] or 0.0 for r in rows]
         series[name] = [(math.log10(float(r["size"].rstrip("%"))), r["mean"]) for r in rows]
     line_plot(series, RESULTS / "label_efficiency.png", "Fashion-MNIST test top-1 by labelled fraction",
               "log10(% of training labels): 0 = 1%, 1 = 10%", "top-1 % (mean ± std)", errors=errors)
     for key, r in summary.items():
-        print(f"| {key} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} |")
+        print(f"| {key} | {r['mean']:.2f} ± {r['std'] or 0.0:.2f} | {r['n']} |")
     return out
 
 
