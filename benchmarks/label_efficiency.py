@@ -9,8 +9,8 @@ several `run` processes share the plan by claim files (a claim of a dead process
 scratch arm's lr sweep (on images held out of the training split) runs first and its finals wait for it.
 
     python benchmarks/label_efficiency.py prepare   # the bundled MAE's weights as a checkpoint, checked
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 0/2 --extra-seed &
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 1/2 --extra-seed &
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 0/2 --extra-seed --long-10pct 1000 &
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 1/2 --extra-seed --long-10pct 1000 &
     python benchmarks/label_efficiency.py collect   # JSON and plot in docs/model_card/
 """
 
@@ -86,15 +86,18 @@ def _save(model: MaskedAutoencoderViT, out: Path, metrics: dict) -> None:
     Checkpoint(model=model.state_dict(), config=model.config, kind="mae", data=data, metrics=metrics).save(out)
 
 
-def epochs_for(size: str, per_class: int) -> int:
-    """Whole epochs closest to the size's step budget (the loader drops the last partial batch)."""
+def epochs_for(budget: int, per_class: int) -> int:
+    """Whole epochs closest to a step budget (the loader drops the last partial batch)."""
     steps_per_epoch = per_class * len(FASHION_MNIST_LABELS) // BATCH
-    return max(1, round(BUDGET_STEPS[size] / steps_per_epoch))
+    return max(1, round(budget / steps_per_epoch))
 
 
-def finetune_run(run: Path, *, arm: str, size: str, seed: int, blr: float, val: bool = False) -> dict:
-    """One `mae-finetune` run (resumed when interrupted); its figures, also left in run/result.json."""
-    per_class, epochs = PER_CLASS[size], epochs_for(size, PER_CLASS[size])
+def finetune_run(run: Path, *, arm: str, size: str, seed: int, blr: float, val: bool = False,
+                 budget: int | None = None) -> dict:
+    """One `mae-finetune` run (resumed when interrupted); its figures, also left in run/result.json.
+    `budget` overrides the size's step budget (a longer-budget check, reported apart)."""
+    per_class = PER_CLASS[size]
+    epochs = epochs_for(budget or BUDGET_STEPS[size], per_class)
     spec = ARMS[arm]
     argv = ["--checkpoint", str(OUT / "pretrained-mae.pth"), "--init", spec["init"], *RECIPE,
             "--layer-decay", str(spec["layer_decay"]), "--blr", str(blr), "--epochs", str(epochs),
@@ -106,7 +109,7 @@ def finetune_run(run: Path, *, arm: str, size: str, seed: int, blr: float, val: 
     t0 = time.perf_counter()
     finetune.cli(argv)
     metrics = Checkpoint.load(run / "checkpoint-last.pth").metrics
-    result = {"kind": "finetune", "arm": arm, "size": size, "per_class": per_class, "seed": seed, "blr": blr,
+    result = {"kind": "finetune", "arm": arm if budget is None else f"{arm}-long", "size": size, "per_class": per_class, "seed": seed, "blr": blr,
               "layer_decay": spec["layer_decay"], "epochs": epochs, "steps": metrics["steps"],
               "batch_size": BATCH, "top1": metrics["finetune_top1"], "eval_split": metrics["eval_split"],
               "seconds_this_session": round(time.perf_counter() - t0), "command": "mae-finetune " + " ".join(argv)}
@@ -151,7 +154,7 @@ def best_scratch_blr() -> float | None:
     return max((json.loads(r.read_text()) for r in runs), key=lambda r: (r["top1"], -r["blr"]))["blr"]
 
 
-def plan(extra_seed: bool) -> list[tuple[str, object]]:
+def plan(extra_seed: bool, long_10pct: int | None) -> list[tuple[str, object]]:
     """(run name, thunk) in order; a scratch thunk returns None while the lr sweep is unfinished."""
     jobs: list[tuple[str, object]] = [
         (f"tune/scratch-blr{blr:g}", lambda run, blr=blr: finetune_run(run, arm="scratch", size="1%", seed=0,
@@ -163,12 +166,15 @@ def plan(extra_seed: bool) -> list[tuple[str, object]]:
             for arm in ARMS:
                 jobs.append((f"{size.rstrip('%')}pct/{arm}-seed{seed}",
                              lambda run, arm=arm, size=size, seed=seed: _final(run, arm, size, seed)))
+    if long_10pct:
+        jobs += [(f"10pct-{long_10pct}steps/{arm}-seed0",
+                  lambda run, arm=arm: _final(run, arm, "10%", 0, budget=long_10pct)) for arm in ARMS]
     return jobs
 
 
-def _final(run: Path, arm: str, size: str, seed: int) -> dict | None:
+def _final(run: Path, arm: str, size: str, seed: int, budget: int | None = None) -> dict | None:
     blr = ARMS[arm]["blr"] or best_scratch_blr()
-    return None if blr is None else finetune_run(run, arm=arm, size=size, seed=seed, blr=blr)
+    return None if blr is None else finetune_run(run, arm=arm, size=size, seed=seed, blr=blr, budget=budget)
 
 
 def work(jobs: list[tuple[str, object]], worker: int, workers: int) -> None:
@@ -222,7 +228,7 @@ def collect() -> dict:
     sweep = [r for r in runs if r["eval_split"] == "val"]
     finals = [r for r in runs if r["eval_split"] == "test"]
     summary = {}
-    for arm in PLOT_NAMES:
+    for arm in [*PLOT_NAMES, *(f"{arm}-long" for arm in ARMS)]:
         for size in PER_CLASS:
             top1 = [r["top1"] for r in finals if r["arm"] == arm and r["size"] == size]
             if top1:
@@ -249,6 +255,7 @@ def main() -> None:
     p.add_argument("stage", choices=["prepare", "run", "collect"])
     p.add_argument("--worker", default="0/1", help="i/n: this process's share of the plan")
     p.add_argument("--extra-seed", action="store_true", help="also seed 2 at 10%%")
+    p.add_argument("--long-10pct", type=int, default=None, help="also 10%% seed 0 with this step budget")
     p.add_argument("--model-dir", type=Path, default=Path("service/default_model"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -256,7 +263,7 @@ def main() -> None:
         pretrained_checkpoint(args.model_dir, OUT / "pretrained-mae.pth")
     elif args.stage == "run":
         worker, workers = (int(v) for v in args.worker.split("/"))
-        work(plan(args.extra_seed), worker, workers)
+        work(plan(args.extra_seed, args.long_10pct), worker, workers)
     else:
         collect()
 
