@@ -4,7 +4,8 @@ Fashion-MNIST training split (top-1 on the full 10k test split).
 
 Every fine-tune is a `mae-finetune` call (flags `--init`, `--subset-per-class`, `--subset-seed`,
 `--val-size`), with the same recipe, augmentation and step budget for both arms at each size; the
-probes use `training/probe.py`'s L-BFGS logistic regression on features extracted once per encoder. Runs are resumable (`--resume auto`; a finished run leaves `result.json` and is skipped), and
+probes use `training/probe.py`'s L-BFGS logistic regression on features extracted once per encoder.
+Runs are resumable (`--resume auto`; a finished run leaves `result.json` and is skipped), and
 several `run` processes share the plan by claim files (a claim of a dead process is taken over); the
 scratch arm's lr sweep (on images held out of the training split) runs first and its finals wait for it.
 
@@ -82,7 +83,8 @@ def pretrained_checkpoint(model_dir: Path, out: Path) -> Path:
 
 
 def _save(model: MaskedAutoencoderViT, out: Path, metrics: dict) -> None:
-    data = {"dataset": "fashion-mnist", "mean": list(FASHION_MNIST_MEAN), "std": list(FASHION_MNIST_STD), "labels": FASHION_MNIST_LABELS}
+    data = {"dataset": "fashion-mnist", "mean": list(FASHION_MNIST_MEAN), "std": list(FASHION_MNIST_STD),
+            "labels": FASHION_MNIST_LABELS}
     Checkpoint(model=model.state_dict(), config=model.config, kind="mae", data=data, metrics=metrics).save(out)
 
 
@@ -109,7 +111,8 @@ def finetune_run(run: Path, *, arm: str, size: str, seed: int, blr: float, val: 
     t0 = time.perf_counter()
     finetune.cli(argv)
     metrics = Checkpoint.load(run / "checkpoint-last.pth").metrics
-    result = {"kind": "finetune", "arm": arm if budget is None else f"{arm}-long", "size": size, "per_class": per_class, "seed": seed, "blr": blr,
+    result = {"kind": "finetune", "arm": arm if budget is None else f"{arm}-long", "size": size,
+              "per_class": per_class, "seed": seed, "blr": blr,
               "layer_decay": spec["layer_decay"], "epochs": epochs, "steps": metrics["steps"],
               "batch_size": BATCH, "top1": metrics["finetune_top1"], "eval_split": metrics["eval_split"],
               "seconds_this_session": round(time.perf_counter() - t0), "command": "mae-finetune " + " ".join(argv)}
