@@ -303,12 +303,24 @@ class ViTClassifier(ViTEncoder):
             del self.norm
             self.fc_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
             self.head = nn.Linear(dim, num_classes)
-            nn.init.trunc_normal_(self.head.weight, std=2e-5)
-            nn.init.zeros_(self.head.bias)
+            self._init_head()
         elif head_type == "probe":
             self.head = probe_head(dim, num_classes)
         else:
             raise ValueError(f"unknown head_type {head_type!r}")
+
+    def _init_head(self) -> None:
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def initialize_weights(self) -> None:
+        """Training from scratch: the MAE's initialisation for the encoder (sin-cos positions, xavier_uniform,
+        normal(0.02) cls token), the fine-tuning head's for the head."""
+        if self.head_type != "finetune":
+            raise ValueError("only a fine-tuning classifier is trained from scratch")
+        self.apply(_init_weights)
+        self._init_encoder()
+        self._init_head()
 
     @property
     def head_linear(self) -> nn.Linear:

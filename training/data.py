@@ -56,6 +56,24 @@ def load_fashion_mnist(split: str, root: str | Path | None = None) -> tuple[Tens
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
+def class_balanced_indices(targets: Tensor, per_class: int, seed: int) -> Tensor:
+    """Sorted indices of `per_class` images of every class, drawn without replacement by `seed` alone."""
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in targets.unique().tolist():
+        members = (targets == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} images, fewer than --subset-per-class {per_class}")
+        picked.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    return torch.cat(picked).sort().values
+
+
+def keep_class_balanced(dataset: SeededDataset, per_class: int | None, seed: int) -> None:
+    """With `per_class`, reduce `dataset` to a class-balanced subset of that many images per class (by `seed`)."""
+    if per_class:
+        dataset.keep(class_balanced_indices(dataset.class_ids(), per_class, seed))
+
+
 def _rng(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
 
@@ -129,6 +147,14 @@ class SeededDataset(Dataset):
     def raw(self, index: int) -> tuple[Tensor, int]:
         raise NotImplementedError
 
+    def class_ids(self) -> Tensor:
+        """The label of every item, in order."""
+        raise NotImplementedError
+
+    def keep(self, indices: Tensor) -> None:
+        """Keep only the items at `indices` (a subset of the split), in that order."""
+        raise NotImplementedError
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         img, label = self.raw(index)
         return self.transform(img, _rng(self.seed, self.epoch, index)), label
@@ -143,13 +169,19 @@ class FashionMNIST(SeededDataset):
         super().__init__(transform, seed=seed)
         self.images, self.targets = load_fashion_mnist(split, root)
         if limit:
-            self.images, self.targets = self.images[:limit], self.targets[:limit]
+            self.keep(torch.arange(min(limit, len(self.targets))))
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def raw(self, index: int) -> tuple[Tensor, int]:
         return self.images[index], int(self.targets[index])
+
+    def class_ids(self) -> Tensor:
+        return self.targets
+
+    def keep(self, indices: Tensor) -> None:
+        self.images, self.targets = self.images[indices], self.targets[indices]
 
 
 class ImageFolder(SeededDataset):
@@ -176,6 +208,12 @@ class ImageFolder(SeededDataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def class_ids(self) -> Tensor:
+        return torch.tensor([label for _, label in self.samples])
+
+    def keep(self, indices: Tensor) -> None:
+        self.samples = [self.samples[i] for i in indices.tolist()]
 
     def raw(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]

@@ -18,14 +18,18 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 
 def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: Path, title: str, xlabel: str,
-              ylabel: str, size: tuple[int, int] = (640, 400)) -> None:
-    """One or more (x, y) series on shared axes, with min/max tick labels and a legend."""
+              ylabel: str, size: tuple[int, int] = (640, 400),
+              errors: dict[str, Sequence[float]] | None = None) -> None:
+    """One or more (x, y) series on shared axes, with min/max tick labels and a legend; `errors` (per series,
+    per point) draws y ± error bars."""
     w, h = size
     left, right, top, bottom = 70, 20, 40, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
+    errors = errors or {}
     xs = [x for s in series.values() for x, _ in s]
-    ys = [y for s in series.values() for _, y in s]
+    ys = [y + sign * e for name, s in series.items()
+          for (_, y), e in zip(s, errors.get(name, [0.0] * len(s)), strict=True) for sign in (-1, 1)]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.05 or 1.0
@@ -55,6 +59,11 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: Path, titl
             d.line(points, fill=color, width=2)
         for px, py in points if len(points) <= 20 else []:
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        for (x, y), e in zip(s, errors.get(name, []), strict=False):
+            (px, lo), (_, hi) = pt(x, y - e), pt(x, y + e)
+            d.line([px, lo, px, hi], fill=color, width=1)
+            d.line([px - 4, lo, px + 4, lo], fill=color)
+            d.line([px - 4, hi, px + 4, hi], fill=color)
         d.text((left + 10, top + 8 + 14 * i), f"- {name}", fill=color)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
