@@ -10,8 +10,8 @@ several `run` processes share the plan by claim files (a claim of a dead process
 scratch arm's lr sweep (on images held out of the training split) runs first and its finals wait for it.
 
     python benchmarks/label_efficiency.py prepare   # the bundled MAE's weights as a checkpoint, checked
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 0/2 --extra-seed --long-10pct 1000 &
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 1/2 --extra-seed --long-10pct 1000 &
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 0 --extra-seed --long-10pct 1000 &
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 1 --extra-seed --long-10pct 1000 &
     python benchmarks/label_efficiency.py collect   # JSON and plot in docs/model_card/
 """
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +36,9 @@ from training import finetune, probe
 from training.data import FASHION_MNIST_LABELS, build_dataset, keep_class_balanced
 from training.figures import line_plot
 from training.weights import recover_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.run_plan import results, work  # noqa: E402
 
 OUT = Path("runs/label_efficiency")
 RESULTS = Path("docs/model_card")
@@ -95,13 +98,13 @@ def epochs_for(budget: int, per_class: int) -> int:
 
 
 def finetune_run(run: Path, *, arm: str, size: str, seed: int, blr: float, val: bool = False,
-                 budget: int | None = None) -> dict:
-    """One `mae-finetune` run (resumed when interrupted); its figures, also left in run/result.json.
+                 budget: int | None = None, checkpoint: Path = OUT / "pretrained-mae.pth") -> dict:
+    """One `mae-finetune` run from `checkpoint` (resumed when interrupted); its figures.
     `budget` overrides the size's step budget (a longer-budget check, reported apart)."""
     per_class = PER_CLASS[size]
     epochs = epochs_for(budget or BUDGET_STEPS[size], per_class)
     spec = ARMS[arm]
-    argv = ["--checkpoint", str(OUT / "pretrained-mae.pth"), "--init", spec["init"], *RECIPE,
+    argv = ["--checkpoint", str(checkpoint), "--init", spec["init"], *RECIPE,
             "--layer-decay", str(spec["layer_decay"]), "--blr", str(blr), "--epochs", str(epochs),
             "--warmup-epochs", f"{WARMUP_FRACTION * epochs:g}", "--subset-per-class", str(per_class),
             "--subset-seed", str(seed), "--seed", str(seed), "--eval-every", str(epochs),
@@ -116,7 +119,6 @@ def finetune_run(run: Path, *, arm: str, size: str, seed: int, blr: float, val: 
               "layer_decay": spec["layer_decay"], "epochs": epochs, "steps": metrics["steps"],
               "batch_size": BATCH, "top1": metrics["finetune_top1"], "eval_split": metrics["eval_split"],
               "seconds_this_session": round(time.perf_counter() - t0), "command": "mae-finetune " + " ".join(argv)}
-    (run / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -180,54 +182,9 @@ def _final(run: Path, arm: str, size: str, seed: int, budget: int | None = None)
     return None if blr is None else finetune_run(run, arm=arm, size=size, seed=seed, blr=blr, budget=budget)
 
 
-def work(jobs: list[tuple[str, object]], worker: int, workers: int) -> None:
-    """Run the plan's jobs, sharing them with the other workers by claim files; wait for the lr sweep."""
-    while True:
-        pending = [(name, fn) for name, fn in jobs if not (OUT / name / "result.json").is_file()]
-        if not pending:
-            return
-        started = False
-        for name, fn in pending:
-            if _claim(OUT / name):
-                t0 = time.perf_counter()
-                result = fn(OUT / name)
-                (OUT / name / "claim").unlink()
-                if result is None:
-                    continue
-                if isinstance(result, list):
-                    (OUT / name / "result.json").write_text(json.dumps(result, indent=1))
-                print(f"[worker {worker}/{workers}] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-                started = True
-                break
-        if not started:
-            time.sleep(20)
-
-
-def _claim(run: Path) -> bool:
-    """Take the run unless a live process holds its claim file."""
-    run.mkdir(parents=True, exist_ok=True)
-    claim = run / "claim"
-    if claim.is_file():
-        try:
-            os.kill(int(claim.read_text()), 0)
-            return False
-        except (ProcessLookupError, ValueError):
-            claim.unlink(missing_ok=True)  # left by a process that died: the run resumes
-    try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return True
-
-
 def collect() -> dict:
     """docs/model_card/label_efficiency.json (every run, the sweep, mean ± std per arm and size) and the plot."""
-    runs = []
-    for path in sorted(OUT.glob("*/*/result.json")):
-        found = json.loads(path.read_text())
-        runs += found if isinstance(found, list) else [found]
+    runs = results(OUT)
     sweep = [r for r in runs if r["eval_split"] == "val"]
     finals = [r for r in runs if r["eval_split"] == "test"]
     summary = {}
@@ -256,7 +213,7 @@ def collect() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=["prepare", "run", "collect"])
-    p.add_argument("--worker", default="0/1", help="i/n: this process's share of the plan")
+    p.add_argument("--worker", default="0", help="this worker's name in the log")
     p.add_argument("--extra-seed", action="store_true", help="also seed 2 at 10%%")
     p.add_argument("--long-10pct", type=int, default=None, help="also 10%% seed 0 with this step budget")
     p.add_argument("--model-dir", type=Path, default=Path("service/default_model"))
@@ -265,8 +222,7 @@ def main() -> None:
     if args.stage == "prepare":
         pretrained_checkpoint(args.model_dir, OUT / "pretrained-mae.pth")
     elif args.stage == "run":
-        worker, workers = (int(v) for v in args.worker.split("/"))
-        work(plan(args.extra_seed, args.long_10pct), worker, workers)
+        work(plan(args.extra_seed, args.long_10pct), OUT, f"worker {args.worker}")
     else:
         collect()
 
