@@ -138,7 +138,7 @@ def image_bytes(image: Any) -> bytes:
 class _Base:
     """What both clients share: images, batching within the limits, retries, answers to results."""
 
-    def __init__(self, base_url: str, api_key: str | None, timeout: float, max_retries: int,
+    def __init__(self, base_url: str, *, api_key: str | None, timeout: float, max_retries: int,
                  max_retry_wait_s: float):
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -224,9 +224,10 @@ class _Base:
 class Client(_Base):
     """Synchronous client; `with Client(url) as mae: ...` closes its connections."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3,
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3,
                  max_retry_wait_s: float = 30.0, transport: httpx.BaseTransport | None = None):
-        super().__init__(base_url, api_key, timeout, max_retries, max_retry_wait_s)
+        super().__init__(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+                         max_retry_wait_s=max_retry_wait_s)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -247,19 +248,19 @@ class Client(_Base):
             self.info()
         return [self._request("POST", path, **self._form(batch, options)).json() for batch in self._batches(images)]
 
-    def embed(self, images: Any, pooling: str | None = None, normalize: bool = True) -> np.ndarray:
+    def embed(self, images: Any, *, pooling: str | None = None, normalize: bool = True) -> np.ndarray:
         """[N, D] float32 embeddings, one row per image, in order."""
         answers = self._post_batches("/embed", self._images(images),
                                      {"pooling": pooling, "normalize": normalize, "encoding_format": "base64"})
         return np.stack([v for a in answers for v in self._vectors(a)])
 
-    def reconstruct(self, image: Any, mask_ratio: float = 0.75, seed: int | None = None) -> Reconstruction:
+    def reconstruct(self, image: Any, *, mask_ratio: float = 0.75, seed: int | None = None) -> Reconstruction:
         """Mask one image (seeded: the same seed gives the same pixels), encode, decode."""
         (answer,) = self._post_batches("/reconstruct", self._one(image),
                                        {"mask_ratio": mask_ratio, "seed": seed, "response_format": "json"})
         return self._reconstruction(answer)
 
-    def classify(self, images: Any, top_k: int = 5) -> list[list[Prediction]]:
+    def classify(self, images: Any, *, top_k: int = 5) -> list[list[Prediction]]:
         """The top_k labels of each image, most probable first."""
         answers = self._post_batches("/classify", self._images(images), {"top_k": top_k})
         return [p for a in answers for p in self._predictions(a)]
@@ -278,10 +279,11 @@ class AsyncClient(_Base):
     """The asyncio twin of Client: the same methods, awaited; `async with AsyncClient(url) as mae: ...`.
     The requests of one long list run concurrently, at most `max_concurrent_requests` at a time."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3,
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3,
                  max_retry_wait_s: float = 30.0, transport: httpx.AsyncBaseTransport | None = None,
                  max_concurrent_requests: int = 4):
-        super().__init__(base_url, api_key, timeout, max_retries, max_retry_wait_s)
+        super().__init__(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+                         max_retry_wait_s=max_retry_wait_s)
         self.max_concurrent_requests = max_concurrent_requests  # per call: the batches of a long list in flight
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
                                        transport=transport)
@@ -309,17 +311,17 @@ class AsyncClient(_Base):
 
         return list(await asyncio.gather(*(post(batch) for batch in self._batches(images))))
 
-    async def embed(self, images: Any, pooling: str | None = None, normalize: bool = True) -> np.ndarray:
+    async def embed(self, images: Any, *, pooling: str | None = None, normalize: bool = True) -> np.ndarray:
         answers = await self._post_batches("/embed", self._images(images),
                                            {"pooling": pooling, "normalize": normalize, "encoding_format": "base64"})
         return np.stack([v for a in answers for v in self._vectors(a)])
 
-    async def reconstruct(self, image: Any, mask_ratio: float = 0.75, seed: int | None = None) -> Reconstruction:
+    async def reconstruct(self, image: Any, *, mask_ratio: float = 0.75, seed: int | None = None) -> Reconstruction:
         (answer,) = await self._post_batches("/reconstruct", self._one(image),
                                              {"mask_ratio": mask_ratio, "seed": seed, "response_format": "json"})
         return self._reconstruction(answer)
 
-    async def classify(self, images: Any, top_k: int = 5) -> list[list[Prediction]]:
+    async def classify(self, images: Any, *, top_k: int = 5) -> list[list[Prediction]]:
         answers = await self._post_batches("/classify", self._images(images), {"top_k": top_k})
         return [p for a in answers for p in self._predictions(a)]
 
