@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from model import CONFIGS, MaskedAutoencoderViT, get_config
+from model import CONFIGS, Checkpoint, MaskedAutoencoderViT, get_config
 from training.cli import run_cli
 from training.common import (
     MetricsLog,
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "imagefolder"])
     p.add_argument("--data-path", default=None, help="IDX directory (fashion-mnist) or folder with train/")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--init-from", default=None,
+                   help="start from this MAE checkpoint's weights (same architecture) with a fresh optimizer and "
+                        "schedule: continued pretraining; a run that resumes takes its own checkpoint instead")
     add_loop_args(p, "runs/pretrain", epochs=40, warmup_epochs=4, blr=1.5e-4, min_lr=0.0)
     p.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                    help="write a reconstruction PNG per epoch")
@@ -57,6 +60,8 @@ def _pretrain(args: argparse.Namespace, info: DistInfo) -> None:
     loader = build_loader(dataset, args.batch_size, info, args.seed, train=True, num_workers=args.num_workers)
     eff_batch = scale_lr(args, info)
     model = MaskedAutoencoderViT(config).to(info.device)
+    if args.init_from:
+        _load_initial_weights(model, args.init_from)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     run = start_run(model, optimizer, args, info)
     if info.is_main:
@@ -90,6 +95,14 @@ def _pretrain(args: argparse.Namespace, info: DistInfo) -> None:
                  step_fn=step_fn, log=log, on_epoch_end=on_epoch_end, scaler=run.scaler)
     if info.is_main:
         print(f"mae-train: done in {time.perf_counter() - t0:.0f} s; checkpoint {args.output_dir / 'checkpoint-last.pth'}")
+
+
+def _load_initial_weights(model: MaskedAutoencoderViT, path: str) -> None:
+    source = Checkpoint.load(path)
+    if source.kind != "mae" or source.config != model.config:
+        raise ValueError(f"--init-from {path}: a {source.kind} checkpoint of {source.config}; "
+                         f"the run trains an MAE of {model.config}")
+    model.load_state_dict(source.model)
 
 
 def _preview_images(args: argparse.Namespace, config) -> torch.Tensor:

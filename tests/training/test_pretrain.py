@@ -40,6 +40,26 @@ def test_resume_gives_the_loss_of_an_uninterrupted_run(tmp_path, monkeypatch):
 
 
 @needs_fmnist
+def test_init_from_starts_from_the_checkpoints_weights(tmp_path, capsys):
+    pretrain.cli([*SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "first")])
+    source = tmp_path / "first" / "checkpoint-last.pth"
+    # lr 0: AdamW moves nothing, so the continued run ends on exactly the weights it started from
+    pretrain.cli([*SMALL, "--epochs", "1", "--lr", "0", "--output-dir", str(tmp_path / "continued"),
+                  "--init-from", str(source)])
+    pretrain.cli([*SMALL, "--epochs", "1", "--lr", "0", "--seed", "4", "--output-dir", str(tmp_path / "fresh")])
+    first = Checkpoint.load(source).model
+    continued = Checkpoint.load(tmp_path / "continued" / "checkpoint-last.pth")
+    fresh = Checkpoint.load(tmp_path / "fresh" / "checkpoint-last.pth").model
+    assert all(torch.equal(first[k], continued.model[k]) for k in first)
+    assert not all(torch.equal(first[k], fresh[k]) for k in first)
+    assert continued.args["init_from"] == str(source)
+    with pytest.raises(SystemExit) as e:  # another architecture
+        pretrain.cli([*SMALL, "--model", "mae_vit_tiny_fmnist", "--epochs", "1", "--output-dir",
+                      str(tmp_path / "other"), "--init-from", str(source)])
+    assert e.value.code == 2 and "--init-from" in capsys.readouterr().err
+
+
+@needs_fmnist
 def test_loss_falls_and_checkpoint_and_preview_are_written(tmp_path):
     pretrain.cli(["--model", "mae_vit_test", "--limit", "512", "--batch-size", "64", "--epochs", "3",
                   "--warmup-epochs", "0.5", "--blr", "2e-3", "--log-every", "1", "--quiet",
@@ -111,7 +131,7 @@ def test_repo_config_files_parse(capsys):
     assert configs
     for path in configs:  # the probe and fine-tune files give the required --checkpoint themselves
         args = parse_with_config(parsers[path.stem.split("_")[0]](), ["--config", str(path)])
-        assert args.seed == 0
+        assert isinstance(args.seed, int)  # every run is seeded
 
 
 def test_imagefolder_pretraining_exports_with_its_own_normalization(tmp_path):
