@@ -22,12 +22,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from model.configs import MAEConfig
-from model.mae import EncoderOnlyMAE, MaskedAutoencoderViT, ViTClassifier
 from model_dir import self_check
 from model_dir.schema import ModelDir
 from service.engine import Engine, RunObserver, RuntimeConfigError
-from training.weights import recover_weights, split_weights
+from training.weights import build_modules, recover_weights, split_weights
 
 log = logging.getLogger("service.engine_torch")
 
@@ -42,21 +40,6 @@ def _device(requested: str) -> torch.device:
         raise RuntimeConfigError(f"device cuda: torch {torch.__version__} sees no CUDA device "
                                  f"(built for CUDA {torch.version.cuda})")
     return torch.device("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def build_modules(model_dir: ModelDir) -> dict[str, nn.Module]:
-    """The modules the directory's graphs were exported from, randomly initialised: `autoencoder` (with the
-    decoder when there is a decoder graph) and `classifier` when there is a classifier graph."""
-    spec = model_dir.spec
-    config = MAEConfig.from_dict({**{k: v for k, v in spec.architecture.model_dump().items()
-                                     if k not in ("num_patches", "grid_size")}, "norm_pix_loss": spec.norm_pix_loss})
-    modules: dict[str, nn.Module] = {
-        "autoencoder": MaskedAutoencoderViT(config) if model_dir.has("decoder") else EncoderOnlyMAE(config)}
-    if spec.classifier is not None:
-        num_classes = int(model_dir.file("classifier").outputs[0].shape[-1])
-        modules["classifier"] = ViTClassifier(config, num_classes=num_classes, head_type=spec.classifier.source,
-                                              pooling=spec.classifier.pooling)
-    return modules
 
 
 def load_weights(model_dir: ModelDir, modules: dict[str, nn.Module]) -> str:

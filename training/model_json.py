@@ -88,4 +88,4 @@ def class_labels(classifier: ViTClassifier, info: ClassifierRecord, data: dict[s
 
 def classifier_info(classifier: ViTClassifier, info: ClassifierRecord) -> ClassifierInfo:
     top1 = info.metrics.get(f"{info.head_type}_top1", info.metrics.get("top1"))
-    return ClassifierInfo(source=info.head_type, pooling=classifier.pooling, top1=top1)
+    return ClassifierInfo(source=info.head_type, pooling=classifier.pooling, top1=top1, features=True)

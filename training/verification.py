@@ -20,6 +20,7 @@ from model_dir.schema import PRECISIONS, ModelDir, SelfCheckSpec, Verification, 
 from training.variants import Sessions
 
 VERIFY_BATCHES = (1, 3, 8)
+CLASSIFIER_ROWS = ("classifier", "classifier.features")  # the rows of the classifier graph's outputs, in order
 
 
 class ExportVerificationError(ValueError):
@@ -68,11 +69,14 @@ def verify(reference: self_check.RunGraph, sessions: Sessions, pixel_sets: Mappi
                             None, {"latent": ort_latent, "ids_restore": ids_restore})[0]
                         rows.append(compare("encoder+decoder", precision, kind, batch, keep, pred, ort_pred))
             if "classifier" in sessions:
-                logits = reference("classifier", {"pixels": pixels})
+                expected = {"classifier": reference("classifier", {"pixels": pixels})}
                 for precision, sess in sessions["classifier"].items():
-                    rows.append(compare("classifier", precision, kind, batch, None, logits,
-                                        sess.run(None, {"pixels": pixels})[0]))
-    order = ["encoder", "encoder+decoder", "classifier"]
+                    outputs = dict(zip(CLASSIFIER_ROWS, sess.run(None, {"pixels": pixels}), strict=False))
+                    for graph, actual in outputs.items():  # logits, and features when the graph has them
+                        if graph not in expected:
+                            expected[graph] = reference(graph, {"pixels": pixels})
+                        rows.append(compare(graph, precision, kind, batch, None, expected[graph], actual))
+    order = ["encoder", "encoder+decoder", *CLASSIFIER_ROWS]
     return sorted(rows, key=lambda r: (order.index(r.graph), PRECISIONS.index(r.precision), r.inputs))
 
 
@@ -151,5 +155,11 @@ def run_self_check(model_dir: ModelDir, sessions: Sessions) -> None:
 
 
 def session_reference(sessions: Mapping[str, ort.InferenceSession]) -> self_check.RunGraph:
-    """ONNX Runtime sessions (the fp32 graphs of a directory) as the reference function."""
-    return lambda graph, feeds: sessions[graph].run(None, feeds)[0]
+    """ONNX Runtime sessions (the fp32 graphs of a directory) as the reference function (`classifier.features`:
+    the classifier graph's `features` output)."""
+
+    def run(name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        graph, _, output = name.partition(".")
+        return sessions[graph].run([output] if output else None, feeds)[0]
+
+    return run

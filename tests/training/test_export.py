@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -99,6 +100,65 @@ def test_classifier_matches_torch_and_carries_labels(tiny_checkpoint, tiny_model
     assert (spec.classifier.source, spec.classifier.pooling, spec.classifier.top1) == ("probe", "mean", 11.5)
     assert spec.embedding.default_pooling == "mean"
     assert (spec.training.dataset, spec.training.epochs) == ("fashion-mnist", 2)
+
+
+@torch.no_grad()
+def test_classifier_graph_outputs_its_features_in_every_precision(tiny_checkpoint, tiny_model_dir) -> None:
+    """`features`, the input of the head's last Linear (here the probe's batch-normalized pooled features): in the
+    fp32, fp16 and int8 graphs, declared in model.json and verified against torch like the logits."""
+    classifier = load_classifier(tiny_checkpoint)
+    pixels = real_pixels(tiny_model_dir)
+    expected = classifier.head_features(pixels).numpy()
+    model_dir = load_model_dir(tiny_model_dir)
+    assert model_dir.spec.classifier.features and model_dir.spec.classifier_features_dim() == 32
+    for precision in ("fp32", "fp16", "int8"):
+        assert [t.name for t in model_dir.file("classifier", precision).outputs] == ["logits", "features"]
+        logits, features = session(model_dir.path("classifier", precision)).run(None, {"pixels": pixels.numpy()})
+        assert features.shape == expected.shape and features.dtype == np.float32
+        if precision == "fp32":
+            np.testing.assert_allclose(features, expected, rtol=0, atol=1e-4)
+        assert self_check.cosine_per_image(expected, features).min() >= 0.999
+    rows = [r for r in model_dir.spec.verification.rows if r.graph == "classifier.features"]
+    assert {(r.precision, r.inputs) for r in rows} == {(p, i) for p in ("fp32", "fp16", "int8")
+                                                       for i in ("random", "real")}
+    assert all(r.passed for r in rows)
+
+
+def test_reexport_adds_the_features_output_to_an_older_directory(tiny_model_dir, tmp_path) -> None:
+    """mae-export --from-model-dir --reexport: a directory whose classifier has logits only (as before the features
+    output) gets it, from weights recovered from its fp32 graphs; the same logits and latent, the same facts."""
+    old = tmp_path / "old"
+    spec = json.loads((tiny_model_dir / MODEL_JSON).read_text())
+    spec["files"] = {g: {"fp32": by_precision["fp32"]} for g, by_precision in spec["files"].items()}
+    spec["classifier"].pop("features")
+    spec["weights"] = None
+    old.mkdir()
+    for f in [*(by_precision["fp32"] for by_precision in spec["files"].values()), spec["self_check"]]:
+        shutil.copy(tiny_model_dir / f["path"], old / f["path"])
+    # The old classifier graph: logits only.
+    model = onnx.load(str(old / "classifier.onnx"))
+    del model.graph.output[1]
+    onnx.save(model, str(old / "classifier.onnx"))
+    spec["files"]["classifier"]["fp32"].update(outputs=spec["files"]["classifier"]["fp32"]["outputs"][:1],
+                                               sha256=sha256_file(old / "classifier.onnx"),
+                                               bytes=(old / "classifier.onnx").stat().st_size)
+    (old / MODEL_JSON).write_text(json.dumps(spec))
+    assert not load_model_dir(old).spec.classifier.features
+    out = export.reexport_model_dir(old, tmp_path / "new", real_pixels(tiny_model_dir).numpy(), log=lambda _: None)
+    new = load_model_dir(out).spec
+    assert new.classifier.features and new.weights is None and new.self_check.reference == "torch"
+    assert (new.name, new.labels, new.training, new.preprocessing) == (spec["name"], spec["labels"],
+                                                                      load_model_dir(old).spec.training,
+                                                                      load_model_dir(old).spec.preprocessing)
+    pixels = real_pixels(tiny_model_dir).numpy()
+    before = session(old / "classifier.onnx").run(None, {"pixels": pixels})
+    after = session(out / "classifier.onnx").run(None, {"pixels": pixels})
+    assert len(before) == 1 and len(after) == 2
+    np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-5)
+    ids = np.tile(np.arange(L, dtype=np.int64), (len(pixels), 1))
+    np.testing.assert_allclose(session(out / "encoder.onnx").run(None, {"pixels": pixels, "ids_keep": ids})[0],
+                               session(old / "encoder.onnx").run(None, {"pixels": pixels, "ids_keep": ids})[0],
+                               rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
