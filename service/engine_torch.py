@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from model_dir import self_check
 from model_dir.schema import ModelDir
-from service.engine import Engine, RunObserver, RuntimeConfigError
+from service.engine import ClassifierOutputs, Engine, RunObserver, RuntimeConfigError
 from training.weights import build_modules, recover_weights, split_weights
 
 log = logging.getLogger("service.engine_torch")
@@ -81,7 +81,8 @@ class TorchEngine(Engine):
         if model_dir.has("decoder"):
             calls["decoder"] = mae.forward_decoder
         if "classifier" in modules:
-            calls["classifier"] = modules["classifier"]
+            calls["classifier"] = modules["classifier"].forward_with_features
+        self.features = model_dir.spec.classifier_features_dim() is not None  # as the graph's outputs declare
         # The startup checks run the eager calls (compiling every checked shape would take minutes on a CPU);
         # the compiled ones, the same computation, compile at warm-up.
         self.eager = calls
@@ -102,13 +103,15 @@ class TorchEngine(Engine):
                                                     enabled=self.dtype != torch.float32):
             yield
 
-    def _call(self, calls: dict[str, Callable[..., Tensor]], graph: str, *arrays: np.ndarray) -> np.ndarray:
+    def _call(self, calls: dict[str, Callable[..., Any]], graph: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Every output of the call, as the graph's outputs (the classifier: logits, features)."""
         with self._autocast():
             tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.torch_device, non_blocking=True)
                        for a in arrays]
-            return calls[graph](*tensors).float().cpu().numpy()
+            out = calls[graph](*tensors)
+            return [t.float().cpu().numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
-    def _run(self, graph: str, *arrays: np.ndarray) -> np.ndarray:
+    def _run(self, graph: str, *arrays: np.ndarray) -> list[np.ndarray]:
         start = time.perf_counter()
         out = self._call(self.graphs, graph, *arrays)
         if self.on_run:
@@ -116,16 +119,17 @@ class TorchEngine(Engine):
         return out
 
     def encode(self, pixels: np.ndarray, ids_keep: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("encoder", pixels, ids_keep)
+        return self._run("encoder", pixels, ids_keep)[0]
 
     def decode(self, latent: np.ndarray, ids_restore: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("decoder", latent, ids_restore)
+        return self._run("decoder", latent, ids_restore)[0]
 
-    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("classifier", pixels)
+    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> ClassifierOutputs:
+        logits, features = self._run("classifier", pixels)
+        return ClassifierOutputs(logits, features if self.features else None)
 
     def _feeds_run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self._call(self.eager, graph, *feeds.values())
+        return self._call(self.eager, graph, *feeds.values())[0]
 
     def _check_against_onnx(self) -> None:
         """Recovered weights, in fp32, against the fp32 graphs they came from (ONNX Runtime on the CPU)."""
@@ -143,7 +147,9 @@ class TorchEngine(Engine):
                 feeds["decoder"] = {"latent": latent, "ids_restore": np.argsort(ids, axis=1).astype(np.int64)}
             for graph in self.graphs:
                 session = ort.InferenceSession(str(self.model_dir.path(graph)), providers=["CPUExecutionProvider"])
-                diff = float(np.abs(session.run(None, feeds[graph])[0] - self._feeds_run(graph, feeds[graph])).max())
+                diff = max(float(np.abs(expected - actual).max()) for expected, actual in zip(
+                    session.run(None, feeds[graph]), self._call(self.eager, graph, *feeds[graph].values()),
+                    strict=False))  # every output the graph has
                 if diff > RECOVERY_MAX_ABS_DIFF:
                     raise RuntimeConfigError(f"{self.model_dir.path(graph)}: the weights recovered from it give "
                                              f"outputs {diff:.2e} away from the graph's (limit {RECOVERY_MAX_ABS_DIFF})")

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from model_dir import self_check
 from model_dir.schema import ModelDir, check_session_io
-from service.engine import Engine, RunObserver, RuntimeConfigError
+from service.engine import ClassifierOutputs, Engine, RunObserver, RuntimeConfigError
 
 log = logging.getLogger("service.runtime")
 
@@ -160,23 +160,24 @@ class Runtime(Engine):
     def precision(self, graph: str) -> str:
         return self.sessions[graph].precision
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray], alone: bool) -> np.ndarray:
-        """One session run; `alone` (the batch runs alone): on the all-core session when there is one."""
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], alone: bool) -> list[np.ndarray]:
+        """One session run, every output; `alone` (the batch runs alone): on the all-core session when there is one."""
         session = (self.lone_sessions if alone and self.lone_sessions else self.sessions)[graph].session
         start = time.perf_counter()
-        (out,) = session.run(None, feeds)
+        outputs = session.run(None, feeds)
         if self.on_run:
             self.on_run(graph, len(next(iter(feeds.values()))), time.perf_counter() - start)
-        return out
+        return outputs
 
     def encode(self, pixels: np.ndarray, ids_keep: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("encoder", {"pixels": pixels, "ids_keep": ids_keep}, alone)
+        return self._run("encoder", {"pixels": pixels, "ids_keep": ids_keep}, alone)[0]
 
     def decode(self, latent: np.ndarray, ids_restore: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("decoder", {"latent": latent, "ids_restore": ids_restore}, alone)
+        return self._run("decoder", {"latent": latent, "ids_restore": ids_restore}, alone)[0]
 
-    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("classifier", {"pixels": pixels}, alone)
+    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> ClassifierOutputs:
+        logits, *features = self._run("classifier", {"pixels": pixels}, alone)  # features: declared in model.json
+        return ClassifierOutputs(logits, features[0] if features else None)
 
     def describe(self) -> dict[str, Any]:
         """What /info and the startup log report: device, and per graph its file, precision and providers."""

@@ -402,7 +402,9 @@ def test_a_batch_that_runs_alone_uses_the_all_core_sessions_with_the_same_result
     pixels = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
     ids = runtime.all_patches(3)
     np.testing.assert_allclose(runtime.encode(pixels, ids, alone=True), runtime.encode(pixels, ids), atol=1e-5)
-    np.testing.assert_allclose(runtime.classify(pixels, alone=True), runtime.classify(pixels), atol=1e-5)
+    alone, shared = runtime.classify(pixels, alone=True), runtime.classify(pixels)
+    np.testing.assert_allclose(alone.logits, shared.logits, atol=1e-5)
+    np.testing.assert_allclose(alone.features, shared.features, atol=1e-5)
     assert Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=2, lone_threads=2).lone_sessions == {}
 
 
