@@ -44,7 +44,7 @@ from model_dir.schema import (
 from training.cli import run_cli
 from training.data import FASHION_MNIST_DIR, build_dataset
 from training.graphs import DEFAULT_OPSET, OPSETS, GraphExport, export_graph, graph_exports, torch_reference
-from training.model_json import describe
+from training.model_json import describe, model_version
 from training.quantize import DEFAULT_RECIPE, RECIPES
 from training.variants import Sessions, add_variant, cpu_session, declare, variant_name
 from training.verification import (
@@ -245,7 +245,7 @@ def reexport_model_dir(src_dir: str | Path, out_dir: str | Path, real_images: np
                 self_check: SelfCheckSpec) -> ModelJson:
         info = src.spec.classifier
         return src.spec.model_copy(update={
-            "version": files["encoder"]["fp32"].sha256[:12], "files": files, "verification": checked,
+            "version": model_version(files), "files": files, "verification": checked,
             "self_check": self_check, "classifier": info and info.model_copy(update={"features": True}),
             "weights": write_weights(tmp, modules) if src.spec.weights is not None else None})
 

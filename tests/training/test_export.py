@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -124,32 +123,21 @@ def test_classifier_graph_outputs_its_features_in_every_precision(tiny_checkpoin
     assert all(r.passed for r in rows)
 
 
-def test_reexport_adds_the_features_output_to_an_older_directory(tiny_model_dir, tmp_path) -> None:
+def test_reexport_adds_the_features_output_to_an_older_directory(logits_only_dir, tiny_model_dir, tmp_path) -> None:
     """mae-export --from-model-dir --reexport: a directory whose classifier has logits only (as before the features
     output) gets it, from weights recovered from its fp32 graphs; the same logits and latent, the same facts."""
-    old = tmp_path / "old"
-    spec = json.loads((tiny_model_dir / MODEL_JSON).read_text())
-    spec["files"] = {g: {"fp32": by_precision["fp32"]} for g, by_precision in spec["files"].items()}
-    spec["classifier"].pop("features")
-    spec["weights"] = None
-    old.mkdir()
-    for f in [*(by_precision["fp32"] for by_precision in spec["files"].values()), spec["self_check"]]:
-        shutil.copy(tiny_model_dir / f["path"], old / f["path"])
-    # The old classifier graph: logits only.
-    model = onnx.load(str(old / "classifier.onnx"))
-    del model.graph.output[1]
-    onnx.save(model, str(old / "classifier.onnx"))
-    spec["files"]["classifier"]["fp32"].update(outputs=spec["files"]["classifier"]["fp32"]["outputs"][:1],
-                                               sha256=sha256_file(old / "classifier.onnx"),
-                                               bytes=(old / "classifier.onnx").stat().st_size)
-    (old / MODEL_JSON).write_text(json.dumps(spec))
-    assert not load_model_dir(old).spec.classifier.features
-    out = export.reexport_model_dir(old, tmp_path / "new", real_pixels(tiny_model_dir).numpy(), log=lambda _: None)
+    old = logits_only_dir
+    before_spec = load_model_dir(old).spec
+    assert not before_spec.classifier.features
+    export.cli(["--from-model-dir", str(old), "--reexport", "--out", str(tmp_path / "new")])
+    out = tmp_path / "new"
     new = load_model_dir(out).spec
     assert new.classifier.features and new.weights is None and new.self_check.reference == "torch"
-    assert (new.name, new.labels, new.training, new.preprocessing) == (spec["name"], spec["labels"],
-                                                                      load_model_dir(old).spec.training,
-                                                                      load_model_dir(old).spec.preprocessing)
+    assert list(new.files["classifier"]) == ["fp32"]
+    assert new.version == load_model_dir(tiny_model_dir).spec.version != before_spec.version  # the same graphs
+    assert (new.name, new.labels, new.training, new.preprocessing, new.embedding) == (
+        before_spec.name, before_spec.labels, before_spec.training, before_spec.preprocessing, before_spec.embedding)
+    assert {r.graph for r in new.verification.rows} >= {"classifier", "classifier.features"}
     pixels = real_pixels(tiny_model_dir).numpy()
     before = session(old / "classifier.onnx").run(None, {"pixels": pixels})
     after = session(out / "classifier.onnx").run(None, {"pixels": pixels})
@@ -315,6 +303,7 @@ def test_a_failed_export_keeps_the_previous_model_directory(encoder_only_checkpo
     ["--checkpoint", "no-such.pth"],
     ["--precision", "fp32,int4"],
     ["--opset", "23"],
+    ["--reexport"],  # needs --from-model-dir
 ])
 def test_cli_exits_2_on_bad_input(tiny_checkpoint, tmp_path, capsys, argv) -> None:
     args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "out"), *argv]
