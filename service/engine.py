@@ -108,6 +108,8 @@ class Engine(ABC):
             results.append(self_check.check_chain(arrays, (reduced or ["fp32"])[0], run))
         if self.has("classifier") and "logits" in arrays:
             results.append(self_check.check_classifier(arrays, self.precision("classifier"), run))
+        if self.has("classifier") and "features" in arrays and self.model_dir.spec.classifier_features_dim():
+            results.append(self_check.check_features(arrays, self.precision("classifier"), run))
         return results
 
 

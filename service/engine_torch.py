@@ -128,8 +128,9 @@ class TorchEngine(Engine):
         logits, features = self._run("classifier", pixels)
         return ClassifierOutputs(logits, features if self.features else None)
 
-    def _feeds_run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self._call(self.eager, graph, *feeds.values())[0]
+    def _feeds_run(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        graph, output = self_check.graph_output(name)
+        return self._call(self.eager, graph, *feeds.values())[1 if output == "features" else 0]
 
     def _check_against_onnx(self) -> None:
         """Recovered weights, in fp32, against the fp32 graphs they came from (ONNX Runtime on the CPU)."""

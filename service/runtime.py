@@ -139,19 +139,20 @@ class Runtime(Engine):
     def _self_check_failure(self, r: self_check.CheckResult, graph: str | None, reference: str,
                             cpu: dict[str, Any]) -> str:
         """The log line of a failed check: the file, the figure against its gate, this CPU and its features."""
-        file = self.sessions[graph or r.graph.split("+")[-1]].path.rsplit("/", 1)[-1]
+        file = self.sessions[graph or self_check.graph_output(r.graph)[0]].path.rsplit("/", 1)[-1]
         limit = (f"cosine {r.cosine:.6f} < {self_check.gate(r.graph, r.precision)}" if graph else
                  f"max_abs_diff {r.max_abs_diff:.2e} > {self_check.FP32_MAX_ABS_DIFF}")
         flags = " ".join(cpu["flags"]) or "none of " + " ".join(self_check.CPU_FLAGS)
         return (f"self-check: {file} fails its gate on this CPU ({cpu['model']}; flags {flags}): "
                 f"{r.graph} {r.precision} {limit} against the {reference} reference")
 
-    def _run_loaded(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.sessions[graph].session.run(None, feeds)[0]
+    def _run_loaded(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        graph, output = self_check.graph_output(name)
+        return self.sessions[graph].session.run(output and [output], feeds)[0]
 
     def _culprit(self, result: self_check.CheckResult) -> str | None:
         """The reduced-precision graph behind a failed check (the decoder first, for the chain), or None."""
-        graphs = ("decoder", "encoder") if result.graph == "encoder+decoder" else (result.graph,)
+        graphs = ("decoder", "encoder") if result.graph == "encoder+decoder" else (self_check.graph_output(result.graph)[0],)
         return next((g for g in graphs if self.sessions[g].precision != "fp32"), None)
 
     def has(self, graph: str) -> bool:

@@ -50,6 +50,7 @@ from training.variants import Sessions, add_variant, cpu_session, declare, varia
 from training.verification import (
     VERIFY_BATCHES,
     check_rows,
+    checked_outputs,
     pixel_sets,
     run_self_check,
     session_reference,
@@ -207,7 +208,8 @@ def build_model_dir(out: Path, mae: ViTEncoder, classifier: ViTClassifier | None
         shape = (config.in_chans, config.img_size, config.img_size)
         rows = verify_all(reference, sessions, pixel_sets(shape, real), config.num_patches, log)
         log(f"mae-export: verified {len(rows)} cases in {time.perf_counter() - t:.1f} s")
-        self_check = write_self_check(tmp, reference, "torch", set(graphs), shape, config.num_patches, real)
+        self_check = write_self_check(tmp, reference, "torch", checked_outputs({g: s.outputs for g, s in graphs.items()}),
+                                      shape, config.num_patches, real)
         publish(tmp, out, spec_of(tmp, files, verification(rows), self_check), sessions)
     return list(graphs)
 
@@ -283,7 +285,8 @@ def derive_variants(src_dir: str | Path, out_dir: str | Path, precisions: Sequen
         kept = [r for r in (src.spec.verification.rows if src.spec.verification else []) if r.precision not in wanted]
         spec = src.spec.model_copy(update={
             "files": files, "verification": verification(kept + rows),
-            "self_check": write_self_check(tmp, session_reference(fp32), "onnxruntime-fp32", set(files), shape,
+            "self_check": write_self_check(tmp, session_reference(fp32), "onnxruntime-fp32",
+                                           checked_outputs({g: files[g]["fp32"].outputs for g in files}), shape,
                                            a.num_patches, real_images)})
         publish(tmp, out, spec, {g: {"fp32": fp32.pop(g), **new.pop(g)} for g in files})
     log(f"mae-export: wrote {out} with {', '.join(wanted)} variants derived from {src.root}")

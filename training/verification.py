@@ -16,7 +16,15 @@ import numpy as np
 import onnxruntime as ort
 
 from model_dir import self_check
-from model_dir.schema import PRECISIONS, ModelDir, SelfCheckSpec, Verification, VerificationRow, sha256_file
+from model_dir.schema import (
+    PRECISIONS,
+    ModelDir,
+    SelfCheckSpec,
+    TensorSpec,
+    Verification,
+    VerificationRow,
+    sha256_file,
+)
 from training.variants import Sessions
 
 VERIFY_BATCHES = (1, 3, 8)
@@ -142,12 +150,17 @@ def run_self_check(model_dir: ModelDir, sessions: Sessions) -> None:
     """Every variant on the stored self-check, with the server's checks; raises if one misses its gate."""
     arrays = self_check.load(model_dir.root / model_dir.spec.self_check.path)
     for precision in sessions["encoder"]:
-        run = lambda graph, feeds, p=precision: sessions[graph].get(p, sessions[graph]["fp32"]).run(None, feeds)[0]
+        def run(name: str, feeds: dict[str, np.ndarray], p: str = precision) -> np.ndarray:
+            graph, output = self_check.graph_output(name)
+            return sessions[graph].get(p, sessions[graph]["fp32"]).run(output and [output], feeds)[0]
+
         results = [self_check.check_encoder(arrays, precision, run)]
         if "decoder" in sessions:
             results.append(self_check.check_chain(arrays, precision, run))
         if "classifier" in sessions:
             results.append(self_check.check_classifier(arrays, precision, run))
+        if "features" in arrays:
+            results.append(self_check.check_features(arrays, precision, run))
         failed = [r for r in results if not r.passed]
         if failed:
             raise ExportVerificationError(f"self-check: {failed[0].graph} {precision} misses its gate "
@@ -159,7 +172,13 @@ def session_reference(sessions: Mapping[str, ort.InferenceSession]) -> self_chec
     the classifier graph's `features` output)."""
 
     def run(name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        graph, _, output = name.partition(".")
-        return sessions[graph].run([output] if output else None, feeds)[0]
+        graph, output = self_check.graph_output(name)
+        return sessions[graph].run(output and [output], feeds)[0]
 
     return run
+
+
+def checked_outputs(outputs: Mapping[str, Sequence[TensorSpec]]) -> set[str]:
+    """The graphs (and the classifier's features output) the self-check stores, from each graph's outputs."""
+    classifier = [t.name for t in outputs.get("classifier", [])]
+    return set(outputs) | ({self_check.FEATURES} if classifier[1:] == ["features"] else set())
