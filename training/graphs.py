@@ -138,7 +138,7 @@ def torch_reference(mae: ViTEncoder, classifier: ViTClassifier | None) -> self_c
     def run(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
         module = {"encoder": mae.forward_encoder, "decoder": getattr(mae, "forward_decoder", None),
-                  "classifier": classifier, "classifier.features": getattr(classifier, "head_features", None)}[graph]
+                  "classifier": classifier, self_check.FEATURES: getattr(classifier, "head_features", None)}[graph]
         return module(*args).numpy()
 
     return run

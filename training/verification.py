@@ -28,7 +28,7 @@ from model_dir.schema import (
 from training.variants import Sessions
 
 VERIFY_BATCHES = (1, 3, 8)
-CLASSIFIER_ROWS = ("classifier", "classifier.features")  # the rows of the classifier graph's outputs, in order
+CLASSIFIER_ROWS = ("classifier", self_check.FEATURES)  # the rows of the classifier graph's outputs, in order
 
 
 class ExportVerificationError(ValueError):
