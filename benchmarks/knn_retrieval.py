@@ -4,9 +4,9 @@ Every Fashion-MNIST training image is the memory, every test image a query; both
 directory's fp32 `encoder.onnx` on the full image (what `/embed` computes), pooled as `/embed` pools
 (cls, mean of the patch tokens, both concatenated) and L2-normalized. A query's k = 20 nearest memory
 images by cosine similarity vote for their class with weight exp(similarity / 0.07); the top vote is
-the prediction (Wu et al. 2018; Caron et al. 2021). When the directory has a classifier graph, the same
-protocol runs on its pooled, normalized features (the input of its final Linear layer), to show what
-embeddings from the fine-tuned encoder would give.
+the prediction (Wu et al. 2018; Caron et al. 2021). When the directory's classifier graph has a `features`
+output (its pooled features, the input of its final Linear layer), the same protocol runs on them,
+normalized: what `/embed` serves with `source=classifier`.
 
 `fixture` is the figure the test suite checks through the server (tests/service/test_default_model.py):
 the same vote, leave-one-out over the 200 fixture images (test images 0..199), from their PNG files.
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from PIL import Image
 
@@ -73,13 +72,9 @@ class Features:
         options = ort.SessionOptions()
         self.encoder = ort.InferenceSession(str(model_dir / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
         self.classifier = None
-        if (model_dir / "classifier.onnx").is_file():
-            graph = onnx.load(str(model_dir / "classifier.onnx"))
-            head = next(n for n in graph.graph.node if n.output[0] == graph.graph.output[0].name)
-            graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(head.input[0]))
-            self.classifier = ort.InferenceSession(graph.SerializeToString(), options,
-                                                   providers=["CPUExecutionProvider"])
-            self.classifier_features = head.input[0]
+        if (spec.get("classifier") or {}).get("features"):
+            self.classifier = ort.InferenceSession(str(model_dir / spec["files"]["classifier"]["fp32"]["path"]),
+                                                   options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images_u8: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
         """images [N, 28, 28] uint8 -> {source: [N, D] unit-norm float32}."""
@@ -93,7 +88,7 @@ class Features:
             out["mean"].append(mean)
             out["cls+mean"].append(np.concatenate([cls, mean], axis=1))
             if self.classifier is not None:
-                out["classifier"].append(self.classifier.run([self.classifier_features], {"pixels": pixels})[0])
+                out["classifier"].append(self.classifier.run(["features"], {"pixels": pixels})[0])
         return {source: unit(np.concatenate(rows)) for source, rows in out.items() if rows}
 
 

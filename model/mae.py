@@ -331,5 +331,16 @@ class ViTClassifier(ViTEncoder):
             return self.forward_features(imgs, self.pooling)
         return self.fc_norm(self.encode_tokens(imgs, None)[:, 1:].mean(dim=1))
 
+    def head_features(self, imgs: Tensor) -> Tensor:
+        """The input of the head's last Linear [N, D]: `fc_norm`'s output (fine-tune), the batch-normalized pooled
+        features (probe). Unnormalized; the classifier graph's `features` output, served by `/embed?source=classifier`."""
+        x = self.features(imgs)
+        return x if isinstance(self.head, nn.Linear) else self.head[:-1](x)
+
+    def forward_with_features(self, imgs: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits [N, num_classes], head_features [N, D]): the exported classifier graph's two outputs."""
+        features = self.head_features(imgs)
+        return self.head_linear(features), features
+
     def forward(self, imgs: Tensor) -> Tensor:
         return self.head(self.features(imgs))

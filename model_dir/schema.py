@@ -21,6 +21,7 @@ MODEL_JSON = "model.json"
 GRAPHS = ("encoder", "decoder", "classifier")
 PRECISIONS = ("fp32", "fp16", "int8")
 
+CLASSIFIER_OUTPUTS = ("logits", "features")  # the classifier graph's outputs; `features` since ClassifierInfo.features
 Graph = Literal["encoder", "decoder", "classifier"]
 Precision = Literal["fp32", "fp16", "int8"]
 Pooling = Literal["cls", "mean", "cls+mean"]
@@ -155,6 +156,9 @@ class ClassifierInfo(_Strict):
     source: Literal["probe", "finetune"]
     pooling: Pooling
     top1: float | None = None
+    # The graph's second output `features` [B, D]: the input of its last Linear (unnormalized), which
+    # `/embed?source=classifier` serves. Directories exported before it have `logits` only (false).
+    features: bool = False
 
 
 class Training(BaseModel):
@@ -168,7 +172,7 @@ class Training(BaseModel):
 class VerificationRow(_Strict):
     """ONNX Runtime against torch for one graph, precision, input kind and shape."""
 
-    graph: Literal["encoder", "decoder", "classifier", "encoder+decoder"]
+    graph: Literal["encoder", "decoder", "classifier", "encoder+decoder", "classifier.features"]
     precision: Precision
     inputs: Literal["random", "real"]
     batch: int
@@ -180,7 +184,7 @@ class VerificationRow(_Strict):
 
 class Verification(_Strict):
     fp32_max_abs_diff: float  # the limits the rows were checked against
-    min_cosine: dict[str, float]  # on the encoder latent and the classifier logits
+    min_cosine: dict[str, float]  # on the encoder latent and the classifier logits and features
     min_cosine_chained: dict[str, float] = {}  # on the decoder pred after a reduced-precision encoder
     rows: list[VerificationRow]
 
@@ -211,7 +215,19 @@ class ModelJson(_Strict):
             raise ValueError("files: every graph listed needs at least one precision")
         if ("classifier" in self.files) != (self.classifier is not None):
             raise ValueError("files.classifier and classifier must be given together")
+        if self.classifier is not None:
+            want = CLASSIFIER_OUTPUTS if self.classifier.features else CLASSIFIER_OUTPUTS[:1]
+            for precision, f in self.files["classifier"].items():
+                if [t.name for t in f.outputs] != list(want):
+                    raise ValueError(f"files.classifier.{precision}: outputs {[t.name for t in f.outputs]}, "
+                                     f"classifier.features {self.classifier.features} needs {list(want)}")
         return self
+
+    def classifier_features_dim(self) -> int | None:
+        """The size of the classifier graph's `features` output, None when it has none."""
+        if self.classifier is None or not self.classifier.features:
+            return None
+        return int(next(iter(self.files["classifier"].values())).outputs[1].shape[-1])
 
 
 @dataclass(frozen=True)

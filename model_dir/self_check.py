@@ -27,8 +27,17 @@ MIN_COSINE = {"fp16": 0.999, "bf16": 0.999, "int8": 0.999}  # bf16: the torch en
 MIN_COSINE_CHAINED = {"fp16": 0.99, "bf16": 0.99, "int8": 0.99}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "asimddp", "i8mm")
 
-# (graph, feeds) -> the graph's one output, as the loaded session computes it
+# (graph, feeds) -> the graph's first output, as the loaded session computes it; `graph.output` names another
+# output (`classifier.features`)
 RunGraph = Callable[[str, dict[str, np.ndarray]], np.ndarray]
+FEATURES = "classifier.features"  # the classifier graph's features output, as RunGraph and the checks name it
+
+
+def graph_output(name: str) -> tuple[str, str | None]:
+    """A RunGraph or check name -> (the graph that computes it, the output's name or None for the first):
+    `classifier.features` -> (classifier, features), `encoder+decoder` -> (decoder, None)."""
+    graph, _, output = name.split("+")[-1].partition(".")
+    return graph, output or None
 
 
 def cosine_per_image(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
@@ -118,11 +127,16 @@ def check_classifier(arrays: Mapping[str, np.ndarray], precision: str, run: RunG
     return _worst("classifier", precision, [(arrays["logits"], run("classifier", {"pixels": arrays["pixels"]}))])
 
 
+def check_features(arrays: Mapping[str, np.ndarray], precision: str, run: RunGraph) -> CheckResult:
+    """The classifier graph's features output (stored by exports whose classifier graph has it)."""
+    return _worst(FEATURES, precision, [(arrays["features"], run(FEATURES, {"pixels": arrays["pixels"]}))])
+
+
 def reference_arrays(pixels: np.ndarray, cases: Mapping[int, tuple[np.ndarray, np.ndarray]], run: RunGraph,
                      graphs: set[str]) -> dict[str, np.ndarray]:
     """The self-check file's content from a reference `run` (torch at export): inputs and outputs per K.
 
-    `cases`: K -> (ids_keep [N, K], ids_restore [N, L]).
+    `cases`: K -> (ids_keep [N, K], ids_restore [N, L]); `graphs` may name FEATURES too.
     """
     arrays = {"pixels": pixels.astype(np.float32)}
     for k, (ids_keep, ids_restore) in cases.items():
@@ -134,6 +148,8 @@ def reference_arrays(pixels: np.ndarray, cases: Mapping[int, tuple[np.ndarray, n
                                                   "ids_restore": arrays[f"ids_restore_{k}"]})
     if "classifier" in graphs:
         arrays["logits"] = run("classifier", {"pixels": arrays["pixels"]})
+    if FEATURES in graphs:
+        arrays["features"] = run(FEATURES, {"pixels": arrays["pixels"]})
     return arrays
 
 

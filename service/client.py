@@ -248,10 +248,12 @@ class Client(_Base):
             self.info()
         return [self._request("POST", path, **self._form(batch, options)).json() for batch in self._batches(images)]
 
-    def embed(self, images: Any, *, pooling: str | None = None, normalize: bool = True) -> np.ndarray:
-        """[N, D] float32 embeddings, one row per image, in order."""
-        answers = self._post_batches("/embed", self._images(images),
-                                     {"pooling": pooling, "normalize": normalize, "encoding_format": "base64"})
+    def embed(self, images: Any, *, source: str | None = None, pooling: str | None = None,
+              normalize: bool = True) -> np.ndarray:
+        """[N, D] float32 embeddings, one row per image, in order; `source="classifier"`: the classifier's pooled
+        features (no pooling then; /info `embedding_sources` says whether the model has them)."""
+        answers = self._post_batches("/embed", self._images(images), {
+            "source": source, "pooling": pooling, "normalize": normalize, "encoding_format": "base64"})
         return np.stack([v for a in answers for v in self._vectors(a)])
 
     def reconstruct(self, image: Any, *, mask_ratio: float = 0.75, seed: int | None = None) -> Reconstruction:
@@ -311,9 +313,10 @@ class AsyncClient(_Base):
 
         return list(await asyncio.gather(*(post(batch) for batch in self._batches(images))))
 
-    async def embed(self, images: Any, *, pooling: str | None = None, normalize: bool = True) -> np.ndarray:
-        answers = await self._post_batches("/embed", self._images(images),
-                                           {"pooling": pooling, "normalize": normalize, "encoding_format": "base64"})
+    async def embed(self, images: Any, *, source: str | None = None, pooling: str | None = None,
+                    normalize: bool = True) -> np.ndarray:
+        answers = await self._post_batches("/embed", self._images(images), {
+            "source": source, "pooling": pooling, "normalize": normalize, "encoding_format": "base64"})
         return np.stack([v for a in answers for v in self._vectors(a)])
 
     async def reconstruct(self, image: Any, *, mask_ratio: float = 0.75, seed: int | None = None) -> Reconstruction:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,15 @@ ENGINES = ("onnxruntime", "torch")
 WARMUP_MASK_RATIO = 0.75
 
 RunObserver = Callable[[str, int, float], None]  # (graph, batch size, seconds) after each engine call
+
+
+@dataclass(frozen=True)
+class ClassifierOutputs:
+    """The classifier graph's outputs for a batch: logits [B, num_classes] and, when the model directory declares
+    them (`classifier.features`), the input of the head's last Linear [B, D], unnormalized."""
+
+    logits: np.ndarray
+    features: np.ndarray | None
 
 
 class RuntimeConfigError(RuntimeError):
@@ -66,8 +76,8 @@ class Engine(ABC):
         """latent [B, 1+K, D], ids_restore [B, L] int64 -> pred [B, L, p*p*C]."""
 
     @abstractmethod
-    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        """pixels [B, C, H, W] -> logits [B, num_classes]."""
+    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> ClassifierOutputs:
+        """pixels [B, C, H, W] -> logits [B, num_classes] and features [B, D] (None without a features output)."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -98,6 +108,8 @@ class Engine(ABC):
             results.append(self_check.check_chain(arrays, (reduced or ["fp32"])[0], run))
         if self.has("classifier") and "logits" in arrays:
             results.append(self_check.check_classifier(arrays, self.precision("classifier"), run))
+        if self.has("classifier") and "features" in arrays and self.model_dir.spec.classifier_features_dim():
+            results.append(self_check.check_features(arrays, self.precision("classifier"), run))
         return results
 
 

@@ -22,12 +22,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from model.configs import MAEConfig
-from model.mae import EncoderOnlyMAE, MaskedAutoencoderViT, ViTClassifier
 from model_dir import self_check
 from model_dir.schema import ModelDir
-from service.engine import Engine, RunObserver, RuntimeConfigError
-from training.weights import recover_weights, split_weights
+from service.engine import ClassifierOutputs, Engine, RunObserver, RuntimeConfigError
+from training.weights import build_modules, recover_weights, split_weights
 
 log = logging.getLogger("service.engine_torch")
 
@@ -42,21 +40,6 @@ def _device(requested: str) -> torch.device:
         raise RuntimeConfigError(f"device cuda: torch {torch.__version__} sees no CUDA device "
                                  f"(built for CUDA {torch.version.cuda})")
     return torch.device("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def build_modules(model_dir: ModelDir) -> dict[str, nn.Module]:
-    """The modules the directory's graphs were exported from, randomly initialised: `autoencoder` (with the
-    decoder when there is a decoder graph) and `classifier` when there is a classifier graph."""
-    spec = model_dir.spec
-    config = MAEConfig.from_dict({**{k: v for k, v in spec.architecture.model_dump().items()
-                                     if k not in ("num_patches", "grid_size")}, "norm_pix_loss": spec.norm_pix_loss})
-    modules: dict[str, nn.Module] = {
-        "autoencoder": MaskedAutoencoderViT(config) if model_dir.has("decoder") else EncoderOnlyMAE(config)}
-    if spec.classifier is not None:
-        num_classes = int(model_dir.file("classifier").outputs[0].shape[-1])
-        modules["classifier"] = ViTClassifier(config, num_classes=num_classes, head_type=spec.classifier.source,
-                                              pooling=spec.classifier.pooling)
-    return modules
 
 
 def load_weights(model_dir: ModelDir, modules: dict[str, nn.Module]) -> str:
@@ -98,7 +81,8 @@ class TorchEngine(Engine):
         if model_dir.has("decoder"):
             calls["decoder"] = mae.forward_decoder
         if "classifier" in modules:
-            calls["classifier"] = modules["classifier"]
+            calls["classifier"] = modules["classifier"].forward_with_features
+        self.features = model_dir.spec.classifier_features_dim() is not None  # as the graph's outputs declare
         # The startup checks run the eager calls (compiling every checked shape would take minutes on a CPU);
         # the compiled ones, the same computation, compile at warm-up.
         self.eager = calls
@@ -119,13 +103,15 @@ class TorchEngine(Engine):
                                                     enabled=self.dtype != torch.float32):
             yield
 
-    def _call(self, calls: dict[str, Callable[..., Tensor]], graph: str, *arrays: np.ndarray) -> np.ndarray:
+    def _call(self, calls: dict[str, Callable[..., Any]], graph: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Every output of the call, as the graph's outputs (the classifier: logits, features)."""
         with self._autocast():
             tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.torch_device, non_blocking=True)
                        for a in arrays]
-            return calls[graph](*tensors).float().cpu().numpy()
+            out = calls[graph](*tensors)
+            return [t.float().cpu().numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
-    def _run(self, graph: str, *arrays: np.ndarray) -> np.ndarray:
+    def _run(self, graph: str, *arrays: np.ndarray) -> list[np.ndarray]:
         start = time.perf_counter()
         out = self._call(self.graphs, graph, *arrays)
         if self.on_run:
@@ -133,16 +119,18 @@ class TorchEngine(Engine):
         return out
 
     def encode(self, pixels: np.ndarray, ids_keep: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("encoder", pixels, ids_keep)
+        return self._run("encoder", pixels, ids_keep)[0]
 
     def decode(self, latent: np.ndarray, ids_restore: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("decoder", latent, ids_restore)
+        return self._run("decoder", latent, ids_restore)[0]
 
-    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("classifier", pixels)
+    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> ClassifierOutputs:
+        logits, features = self._run("classifier", pixels)
+        return ClassifierOutputs(logits, features if self.features else None)
 
-    def _feeds_run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self._call(self.eager, graph, *feeds.values())
+    def _feeds_run(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        graph, output = self_check.graph_output(name)
+        return self._call(self.eager, graph, *feeds.values())[1 if output == "features" else 0]
 
     def _check_against_onnx(self) -> None:
         """Recovered weights, in fp32, against the fp32 graphs they came from (ONNX Runtime on the CPU)."""
@@ -160,7 +148,9 @@ class TorchEngine(Engine):
                 feeds["decoder"] = {"latent": latent, "ids_restore": np.argsort(ids, axis=1).astype(np.int64)}
             for graph in self.graphs:
                 session = ort.InferenceSession(str(self.model_dir.path(graph)), providers=["CPUExecutionProvider"])
-                diff = float(np.abs(session.run(None, feeds[graph])[0] - self._feeds_run(graph, feeds[graph])).max())
+                diff = max(float(np.abs(expected - actual).max()) for expected, actual in zip(
+                    session.run(None, feeds[graph]), self._call(self.eager, graph, *feeds[graph].values()),
+                    strict=False))  # every output the graph has
                 if diff > RECOVERY_MAX_ABS_DIFF:
                     raise RuntimeConfigError(f"{self.model_dir.path(graph)}: the weights recovered from it give "
                                              f"outputs {diff:.2e} away from the graph's (limit {RECOVERY_MAX_ABS_DIFF})")

@@ -63,7 +63,8 @@ async def _run(request: Request, task: AnyTask, options_model: type[BaseModel]) 
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
              openapi_extra=request_body_doc(EmbedJsonRequest, EmbedOptions))
 async def embed(request: Request) -> JSONResponse:
-    """Embeddings of whole images (the encoder on every patch)."""
+    """Embeddings of whole images: the encoder on every patch, pooled (source=encoder), or the classifier's pooled
+    features (source=classifier)."""
     task = _server(request).tasks.embed
     job, _, tokens = await _run(request, task, EmbedOptions)
     return JSONResponse(task.respond(job, tokens))
@@ -104,6 +105,7 @@ async def info(request: Request) -> dict[str, Any]:
         "runtime": server.engine.describe(),
         "routes": {"embed": True, "reconstruct": server.engine.has("decoder"),
                    "classify": server.engine.has("classifier")},
+        "embedding_sources": server.tasks.embed.sources(),
         "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
                      "inference_threads": s.inference_threads, "ort_threads_per_call": s.ort_threads_per_call(),
                      "max_queue": s.max_queue, "queue_full_status": s.queue_full_status,

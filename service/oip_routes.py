@@ -4,7 +4,7 @@
 decoder / a classifier) take one input, either `image` (BYTES, one encoded image file per row: raw
 bytes in the binary extension, base64 or a data URI in JSON or binary) or `pixels` (FP32
 [N, C, H, W], already normalized with the model's mean and std). Request `parameters` carry the
-route's options (`pooling`, `normalize`; `mask_ratio`, `seed`). They run the same tasks, queues and
+route's options (`source`, `pooling`, `normalize`; `mask_ratio`, `seed`). They run the same tasks, queues and
 limits as /embed, /reconstruct and /classify. Errors are `{"error": "..."}` with a 4xx status
 (the app's error handlers use `errors.error_response_for`, which gives every path under /v2 that shape).
 """
@@ -36,7 +36,7 @@ from service.oip_tensors import (
     parse_infer_request,
 )
 from service.responses import JSONResponse
-from service.schemas import ClassifyOptions, EmbedOptions, MaskRatio, ReconstructOptions, Seed
+from service.schemas import ClassifyOptions, EmbeddingSource, EmbedOptions, MaskRatio, ReconstructOptions, Seed
 from service.tasks import ImageSource, MaskedImage, ReconstructTask
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class _Parameters(BaseModel):
 
 
 class EmbedParameters(_Parameters):
+    source: EmbeddingSource = "encoder"
     pooling: Pooling | None = None
     normalize: bool = True
 
@@ -99,7 +100,7 @@ def _outputs(server: Server, model: V2Model) -> list[dict[str, Any]]:
     a = spec.architecture
     image = [-1, a.in_chans, a.img_size, a.img_size]
     return {
-        "embed": [{"name": "embedding", "datatype": "FP32", "shape": [-1, spec.embedding.dim]}],
+        "embed": [{"name": "embedding", "datatype": "FP32", "shape": [-1, spec.embedding.dim]}],  # the defaults' size
         "reconstruct": [{"name": "reconstruction", "datatype": "FP32", "shape": image},
                         {"name": "pasted", "datatype": "FP32", "shape": image},
                         {"name": "mask", "datatype": "UINT8", "shape": [-1, a.num_patches]},
@@ -240,7 +241,8 @@ async def _run(model: V2Model, server: Server, request: Request, images: list[Im
     """(outputs by name, response parameters) of one model on the images, through the native routes' tasks."""
     tasks = server.tasks
     if model.task == "embed":
-        embed = tasks.embed.prepare(EmbedOptions(pooling=options.pooling, normalize=options.normalize))
+        embed = tasks.embed.prepare(EmbedOptions(source=options.source, pooling=options.pooling,
+                                                 normalize=options.normalize))
         _, tokens = await server.run(request, tasks.embed, embed, images)
         return {"embedding": np.stack(tasks.embed.vectors(embed, tokens))}, {}
     if model.task == "reconstruct":

@@ -3,7 +3,7 @@
 Images arrive as `input` strings (a `data:image/...;base64,` URI or bare base64 of an image file;
 one string or a list), as infinity serves them; infinity's `"modality": "image"` is accepted, not
 required. The embedding is the model's default pooling, L2-normalized, the vector `/embed` returns
-by default. `dimensions` may only be the model's own size (or absent): MAE embeddings are not
+by default; the extra body field `source` picks the classifier's features instead, as on `/embed`. `dimensions` may only be the model's own size (or absent): MAE embeddings are not
 trained to be truncated (no Matryoshka loss), so a prefix would be a different, unvalidated
 embedding, and any other value is a 422 rather than a silent approximation. Errors keep the
 server's envelope `{"error": {"type", "message"}}`, as OpenAI's own API wraps them in `error`.
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.errors import InvalidOption, NotFound, PayloadTooLarge, UnsupportedMediaType
 from service.inputs import decode_base64_image, is_json, parse_options, read_json_object
 from service.responses import JSONResponse
-from service.schemas import ERROR_RESPONSES, EmbedOptions, ErrorResponse
+from service.schemas import ERROR_RESPONSES, EmbeddingSource, EmbedOptions, ErrorResponse
 
 if TYPE_CHECKING:
     from service.server import Server
@@ -41,6 +41,8 @@ class EmbeddingsRequest(BaseModel):
     dimensions: int | None = Field(None, ge=1, description="only the model's own size: MAE embeddings are not "
                                    "trained for truncation, so no prefix is served (422)")
     modality: Literal["image", "text"] = Field("image", description="infinity's field; only images are embedded")
+    source: EmbeddingSource = Field("encoder", description="this server's extra field, as /embed's source: encoder "
+                                    "or classifier (the fine-tuned classifier's pooled features)")
     user: str | None = Field(None, description="accepted and ignored")
 
 
@@ -96,11 +98,13 @@ def _check(body: dict[str, Any], server: Server) -> EmbeddingsRequest:
         raise NotFound(f"model {request.model!r} is not served here; this server serves {spec.name!r}")
     if request.modality == "text":
         raise InvalidOption("modality 'text' is not supported: this model embeds images only")
-    dim = spec.embedding.dim
-    if request.dimensions is not None and request.dimensions != dim:
-        raise InvalidOption(f"dimensions {request.dimensions}: model {spec.name} serves {dim}-d embeddings only "
-                            "(they are not trained to be truncated)")
     return request
+
+
+def _check_dimensions(request: EmbeddingsRequest, dim: int, server: Server) -> None:
+    if request.dimensions is not None and request.dimensions != dim:
+        raise InvalidOption(f"dimensions {request.dimensions}: model {server.model_dir.spec.name} serves {dim}-d "
+                            "embeddings only (they are not trained to be truncated)")
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {
@@ -122,7 +126,8 @@ async def create_embeddings(request: Request) -> JSONResponse:
                               f"{settings.max_images_per_request}")
     images = [_image_bytes(text, i) for i, text in enumerate(texts)]
     task = server.tasks.embed
-    job = task.prepare(EmbedOptions(encoding_format=body.encoding_format))  # the model's pooling, normalized
+    job = task.prepare(EmbedOptions(encoding_format=body.encoding_format, source=body.source))  # normalized
+    _check_dimensions(body, task.dim(job), server)
     _, tokens = await server.run(request, task, job, images)
     vectors = task.vectors(job, tokens)
     patch_tokens = len(vectors) * server.model_dir.spec.architecture.num_patches

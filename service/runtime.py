@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from model_dir import self_check
 from model_dir.schema import ModelDir, check_session_io
-from service.engine import Engine, RunObserver, RuntimeConfigError
+from service.engine import ClassifierOutputs, Engine, RunObserver, RuntimeConfigError
 
 log = logging.getLogger("service.runtime")
 
@@ -139,19 +139,20 @@ class Runtime(Engine):
     def _self_check_failure(self, r: self_check.CheckResult, graph: str | None, reference: str,
                             cpu: dict[str, Any]) -> str:
         """The log line of a failed check: the file, the figure against its gate, this CPU and its features."""
-        file = self.sessions[graph or r.graph.split("+")[-1]].path.rsplit("/", 1)[-1]
+        file = self.sessions[graph or self_check.graph_output(r.graph)[0]].path.rsplit("/", 1)[-1]
         limit = (f"cosine {r.cosine:.6f} < {self_check.gate(r.graph, r.precision)}" if graph else
                  f"max_abs_diff {r.max_abs_diff:.2e} > {self_check.FP32_MAX_ABS_DIFF}")
         flags = " ".join(cpu["flags"]) or "none of " + " ".join(self_check.CPU_FLAGS)
         return (f"self-check: {file} fails its gate on this CPU ({cpu['model']}; flags {flags}): "
                 f"{r.graph} {r.precision} {limit} against the {reference} reference")
 
-    def _run_loaded(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.sessions[graph].session.run(None, feeds)[0]
+    def _run_loaded(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        graph, output = self_check.graph_output(name)
+        return self.sessions[graph].session.run(output and [output], feeds)[0]
 
     def _culprit(self, result: self_check.CheckResult) -> str | None:
         """The reduced-precision graph behind a failed check (the decoder first, for the chain), or None."""
-        graphs = ("decoder", "encoder") if result.graph == "encoder+decoder" else (result.graph,)
+        graphs = ("decoder", "encoder") if result.graph == "encoder+decoder" else (self_check.graph_output(result.graph)[0],)
         return next((g for g in graphs if self.sessions[g].precision != "fp32"), None)
 
     def has(self, graph: str) -> bool:
@@ -160,23 +161,24 @@ class Runtime(Engine):
     def precision(self, graph: str) -> str:
         return self.sessions[graph].precision
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray], alone: bool) -> np.ndarray:
-        """One session run; `alone` (the batch runs alone): on the all-core session when there is one."""
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], alone: bool) -> list[np.ndarray]:
+        """One session run, every output; `alone` (the batch runs alone): on the all-core session when there is one."""
         session = (self.lone_sessions if alone and self.lone_sessions else self.sessions)[graph].session
         start = time.perf_counter()
-        (out,) = session.run(None, feeds)
+        outputs = session.run(None, feeds)
         if self.on_run:
             self.on_run(graph, len(next(iter(feeds.values()))), time.perf_counter() - start)
-        return out
+        return outputs
 
     def encode(self, pixels: np.ndarray, ids_keep: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("encoder", {"pixels": pixels, "ids_keep": ids_keep}, alone)
+        return self._run("encoder", {"pixels": pixels, "ids_keep": ids_keep}, alone)[0]
 
     def decode(self, latent: np.ndarray, ids_restore: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("decoder", {"latent": latent, "ids_restore": ids_restore}, alone)
+        return self._run("decoder", {"latent": latent, "ids_restore": ids_restore}, alone)[0]
 
-    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        return self._run("classifier", {"pixels": pixels}, alone)
+    def classify(self, pixels: np.ndarray, *, alone: bool = False) -> ClassifierOutputs:
+        logits, *features = self._run("classifier", {"pixels": pixels}, alone)  # features: declared in model.json
+        return ClassifierOutputs(logits, features[0] if features else None)
 
     def describe(self) -> dict[str, Any]:
         """What /info and the startup log report: device, and per graph its file, precision and providers."""

@@ -19,8 +19,15 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+EmbeddingSource = Literal["encoder", "classifier"]
+
+
 class EmbedOptions(_Options):
-    pooling: Pooling | None = Field(None, description="cls, mean or cls+mean; default: the model's")
+    source: EmbeddingSource = Field(
+        "encoder", description="encoder: the MAE encoder's tokens, pooled; classifier: the fine-tuned classifier's "
+        "pooled features (the input of its last Linear; they cluster by class), when the model has them (/info)")
+    pooling: Pooling | None = Field(None, description="cls, mean or cls+mean; default: the model's (source=encoder "
+                                    "only)")
     normalize: bool = Field(True, description="L2-normalize each embedding")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="float: JSON numbers; base64: little-endian float32 bytes")
@@ -67,7 +74,8 @@ class EmbeddingItem(BaseModel):
 class EmbedResponse(BaseModel):
     model: str
     dim: int
-    pooling: Pooling
+    source: EmbeddingSource
+    pooling: Pooling | None = Field(description="null for source=classifier")
     normalized: bool
     encoding_format: Literal["float", "base64"]
     data: list[EmbeddingItem]

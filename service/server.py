@@ -135,7 +135,7 @@ class Server:
         deadline = request.state.t0 + self.settings.request_timeout_s
         timing = BatchTiming()
         request.state.timing = timing
-        queue = self.queue(job.key, task.run_batch)
+        queue = self.queue(job.key, task.runner(job))
         try:
             with queue.reserve(len(images)) as reservation:
                 decoded = await asyncio.gather(*(self._model_image(image, i) for i, image in enumerate(images)))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, get_args
 
 import numpy as np
 
 from model_dir.reconstruction import Reconstruction, panel, panel_row, reconstruct, to_uint8
-from model_dir.schema import ModelDir
+from model_dir.schema import ModelDir, Pooling
 from service.engine import Engine
 from service.errors import InvalidOption
 from service.imaging import ModelImage, encode_png
@@ -44,9 +45,10 @@ PICTURES = ("original", "masked", "reconstruction", "pasted")
 
 
 class QueueKey(NamedTuple):
-    """The batcher queue a job joins: the items of one batch share the graphs they run and K."""
+    """The batcher queue a job joins: the items of one batch share the graphs they run (and the outputs they
+    read) and K."""
 
-    graphs: str  # also the queue's metrics label: encoder, encoder+decoder, classifier
+    graphs: str  # also the queue's metrics label: encoder, encoder+decoder, classifier, classifier.features
     num_visible: int | None = None  # K, the visible patches of a reconstruction
 
 
@@ -62,7 +64,8 @@ class Job:
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedJob(Job):
-    pooling: str
+    source: str  # encoder or classifier
+    pooling: str | None  # the encoder's; None for source=classifier
     normalize: bool
     encoding_format: str
 
@@ -104,16 +107,61 @@ class Task:
     def usage(self, count: int) -> Usage:
         return Usage.model_construct(images=count)
 
+    def runner(self, job: Job) -> Callable[..., list[Any]]:
+        """The function that computes one batch of the job's queue."""
+        return self.run_batch  # type: ignore[attr-defined]
+
 
 class EmbedTask(Task):
-    """/embed: the encoder on every patch; the cls token and the mean of the patch tokens, pooled per request."""
+    """/embed: the encoder on every patch, the cls token and the mean of the patch tokens pooled per request
+    (source=encoder); or the classifier graph's features, the input of its last Linear (source=classifier)."""
 
     route, graph = "/embed", "encoder"
     key = QueueKey("encoder")
+    features_key = QueueKey("classifier.features")
+
+    def __init__(self, *, model_dir: ModelDir, engine: Engine):
+        super().__init__(model_dir=model_dir, engine=engine)
+        self.features_dim = self.spec.classifier_features_dim() if engine.has("classifier") else None
 
     def prepare(self, options: EmbedOptions) -> EmbedJob:
-        return EmbedJob(key=self.key, pooling=options.pooling or self.spec.embedding.default_pooling,
-                        normalize=options.normalize, encoding_format=options.encoding_format)
+        """The job; 422 for source=classifier with a pooling (it applies to the encoder) or on a model whose
+        classifier graph has no features output (or that has no classifier)."""
+        if options.source == "encoder":
+            return EmbedJob(key=self.key, source="encoder", pooling=options.pooling or self.spec.embedding.default_pooling,
+                            normalize=options.normalize, encoding_format=options.encoding_format)
+        if options.pooling is not None:
+            raise InvalidOption(f"pooling {options.pooling!r} applies to source=encoder only; source=classifier "
+                                "serves the classifier's own pooled features")
+        if self.features_dim is None:
+            why = ("has no classifier graph" if not self.engine.has("classifier") else "has a classifier graph "
+                   "without a features output (exported before it; mae-export --from-model-dir DIR --reexport "
+                   "adds it)")
+            raise InvalidOption(f"source=classifier: model {self.spec.name} {why}")
+        return EmbedJob(key=self.features_key, source="classifier", pooling=None, normalize=options.normalize,
+                        encoding_format=options.encoding_format)
+
+    def runner(self, job: Job) -> Callable[..., list[Any]]:
+        return self.run_features_batch if job.key == self.features_key else self.run_batch
+
+    def dim(self, job: EmbedJob) -> int:
+        """The size of the job's embeddings."""
+        if job.source == "classifier":
+            return int(self.features_dim or 0)
+        return self.spec.architecture.embed_dim * (2 if job.pooling == "cls+mean" else 1)
+
+    def sources(self) -> dict[str, dict[str, Any]]:
+        """/info's embedding sources: each one's size and the kNN figures benchmarks/knn_retrieval.py recorded
+        in model.json (training.knn), where there are some."""
+        knn: dict[str, Any] = getattr(self.spec.training, "knn", None) or {}
+        protocol = {k: knn[k] for k in ("k", "temperature") if k in knn}
+        sources: dict[str, dict[str, Any]] = {"encoder": {
+            "dim": self.spec.embedding.dim, "default_pooling": self.spec.embedding.default_pooling,
+            "knn": {**protocol, **{p: knn[p] for p in get_args(Pooling) if p in knn}} if knn else None}}
+        if self.features_dim is not None:
+            sources["classifier"] = {"dim": self.features_dim,
+                                     "knn": {**protocol, **knn["classifier"]} if "classifier" in knn else None}
+        return sources
 
     def run_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
         """[2, D] float32 per image: the cls token and the mean of the patch tokens of its full-image latent
@@ -125,12 +173,18 @@ class EmbedTask(Task):
         np.mean(latent[:, 1:], axis=1, dtype=np.float32, out=tokens[:, 1])
         return list(tokens)
 
+    def run_features_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
+        """[D] float32 per image: the classifier graph's features (source=classifier)."""
+        return list(self.engine.classify(np.stack([i.pixels for i in images]), alone=alone).features)
+
     @staticmethod
     def vectors(job: EmbedJob, tokens: list[np.ndarray]) -> list[np.ndarray]:
-        """[2, D] per image from run_batch -> float32 embeddings: cls token, mean of patch tokens, or both."""
+        """[2, D] per image from run_batch -> float32 embeddings: cls token, mean of patch tokens, or both;
+        [D] from run_features_batch -> the features themselves."""
         out = []
         for t in tokens:
-            vector = {"cls": t[0], "mean": t[1], "cls+mean": t.reshape(-1)}[job.pooling].copy()
+            vector = (t if job.pooling is None else {"cls": t[0], "mean": t[1], "cls+mean": t.reshape(-1)}[job.pooling]
+                      ).copy()
             if job.normalize:
                 vector /= max(float(np.linalg.norm(vector)), 1e-12)
             out.append(vector)
@@ -148,7 +202,8 @@ class EmbedTask(Task):
         # by orjson); the conformance tests check the bodies against the schema
         vectors = self.vectors(job, tokens)
         return EmbedResponse.model_construct(
-            model=self.spec.name, dim=int(vectors[0].shape[0]), pooling=job.pooling, normalized=job.normalize,
+            model=self.spec.name, dim=int(vectors[0].shape[0]), source=job.source, pooling=job.pooling,
+            normalized=job.normalize,
             encoding_format=job.encoding_format, usage=self.usage(len(vectors)),
             data=[EmbeddingItem.model_construct(index=i, embedding=self.encode_embedding(v, job.encoding_format))
                   for i, v in enumerate(vectors)])
@@ -221,7 +276,7 @@ class ClassifyTask(Task):
 
     def run_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
         """Logits [num_classes], one per image."""
-        return list(self.engine.classify(np.stack([i.pixels for i in images]), alone=alone))
+        return list(self.engine.classify(np.stack([i.pixels for i in images]), alone=alone).logits)
 
     @staticmethod
     def probabilities(logits: np.ndarray) -> np.ndarray:

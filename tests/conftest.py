@@ -53,3 +53,32 @@ def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
                                 precisions=("fp32", "fp16", "int8"), name="mae-test", log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def logits_only_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_model_dir` as exporters before the classifier's `features` output wrote it: fp32 graphs, the
+    classifier with logits only, no `classifier.features` in model.json, no weights file."""
+    import json
+    import shutil
+
+    import onnx
+
+    from model_dir.schema import sha256_file
+
+    out = tmp_path_factory.mktemp("logits-only")
+    spec = json.loads((tiny_model_dir / "model.json").read_text())
+    spec["files"] = {g: {"fp32": by_precision["fp32"]} for g, by_precision in spec["files"].items()}
+    spec["classifier"].pop("features")
+    spec["weights"] = None
+    spec["version"] = spec["files"]["encoder"]["fp32"]["sha256"][:12]  # as they named it
+    for f in [*(by_precision["fp32"] for by_precision in spec["files"].values()), spec["self_check"]]:
+        shutil.copy(tiny_model_dir / f["path"], out / f["path"])
+    classifier = onnx.load(str(out / "classifier.onnx"))
+    del classifier.graph.output[1]
+    onnx.save(classifier, str(out / "classifier.onnx"))
+    spec["files"]["classifier"]["fp32"].update(outputs=spec["files"]["classifier"]["fp32"]["outputs"][:1],
+                                               sha256=sha256_file(out / "classifier.onnx"),
+                                               bytes=(out / "classifier.onnx").stat().st_size)
+    (out / "model.json").write_text(json.dumps(spec))
+    return out

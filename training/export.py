@@ -30,23 +30,36 @@ from torch import Tensor
 
 from model import Checkpoint, CheckpointError, MAEConfig, ViTClassifier
 from model.mae import ViTEncoder
-from model_dir.schema import MODEL_JSON, PRECISIONS, Architecture, FileSpec, ModelJson, load_model_dir, write_model_json
+from model_dir.schema import (
+    MODEL_JSON,
+    PRECISIONS,
+    Architecture,
+    FileSpec,
+    ModelJson,
+    SelfCheckSpec,
+    Verification,
+    load_model_dir,
+    write_model_json,
+)
 from training.cli import run_cli
 from training.data import FASHION_MNIST_DIR, build_dataset
 from training.graphs import DEFAULT_OPSET, OPSETS, GraphExport, export_graph, graph_exports, torch_reference
-from training.model_json import describe
+from training.model_json import describe, model_version
 from training.quantize import DEFAULT_RECIPE, RECIPES
 from training.variants import Sessions, add_variant, cpu_session, declare, variant_name
 from training.verification import (
     VERIFY_BATCHES,
+    check_rows,
+    checked_outputs,
     pixel_sets,
     run_self_check,
     session_reference,
     verification,
+    verify,
     verify_all,
     write_self_check,
 )
-from training.weights import write_weights
+from training.weights import build_modules, recover_weights, write_weights
 
 
 def load_models(checkpoint: str | Path, classifier_checkpoint: str | Path | None
@@ -164,7 +177,29 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
     config = mae.config
     real = verify_data if verify_data is not None else default_real_images(ckpt.data.get("dataset"), config,
                                                                             max(VERIFY_BATCHES))
-    real = None if real is None else real.numpy()
+
+    def spec_of(tmp: Path, files: dict[str, dict[str, FileSpec]], checked: Verification,
+                self_check: SelfCheckSpec) -> ModelJson:
+        return describe(ckpt=ckpt, cls_ckpt=cls_ckpt, classifier=classifier, name=name, checkpoint=checkpoint,
+                        files=files, verification=checked, self_check=self_check,
+                        weights=write_weights(tmp, {"autoencoder": mae, "classifier": classifier}))
+
+    graphs = build_model_dir(out, mae, classifier, precisions, opset, int8_recipe,
+                             None if real is None else real.numpy(), spec_of, log)
+    log(f"mae-export: wrote {out} ({', '.join(graphs)} x {', '.join(precisions)}) in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+SpecOf = Callable[[Path, dict[str, dict[str, FileSpec]], Verification, SelfCheckSpec], ModelJson]
+
+
+def build_model_dir(out: Path, mae: ViTEncoder, classifier: ViTClassifier | None, precisions: Sequence[str],
+                    opset: int, int8_recipe: str, real: np.ndarray | None, spec_of: SpecOf,
+                    log: Callable[[str], None]) -> list[str]:
+    """Export the torch modules' graphs in every precision, verify them against torch, write the self-check and
+    publish `out` atomically; `spec_of(staging dir, files, verification, self-check)` gives model.json.
+    Returns the graphs written."""
+    config = mae.config
     with staging_dir(out) as tmp:
         graphs = graph_exports(mae, classifier)
         files, sessions = export_graphs(tmp, graphs, precisions, opset, int8_recipe, log)
@@ -173,13 +208,51 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
         shape = (config.in_chans, config.img_size, config.img_size)
         rows = verify_all(reference, sessions, pixel_sets(shape, real), config.num_patches, log)
         log(f"mae-export: verified {len(rows)} cases in {time.perf_counter() - t:.1f} s")
-        spec = describe(ckpt=ckpt, cls_ckpt=cls_ckpt, classifier=classifier, name=name, checkpoint=checkpoint,
-                        files=files, verification=verification(rows),
-                        self_check=write_self_check(tmp, reference, "torch", set(graphs), shape, config.num_patches,
-                                                    real),
-                        weights=write_weights(tmp, {"autoencoder": mae, "classifier": classifier}))
-        publish(tmp, out, spec, sessions)
-    log(f"mae-export: wrote {out} ({', '.join(files)} x {', '.join(precisions)}) in {time.perf_counter() - t0:.0f} s")
+        self_check = write_self_check(tmp, reference, "torch", checked_outputs({g: s.outputs for g, s in graphs.items()}),
+                                      shape, config.num_patches, real)
+        publish(tmp, out, spec_of(tmp, files, verification(rows), self_check), sessions)
+    return list(graphs)
+
+
+def reexport_model_dir(src_dir: str | Path, out_dir: str | Path, real_images: np.ndarray | None,
+                       log: Callable[[str], None] = print, opset: int = DEFAULT_OPSET) -> Path:
+    """Export a model directory's graphs again from the weights in its fp32 graphs, its checkpoint not at hand.
+
+    The weights are recovered as the torch engine recovers them (`training/weights.py`) and must reproduce the
+    old fp32 graphs' outputs; the new graphs carry what this exporter adds (the classifier's `features`
+    output). Name, labels, preprocessing, training facts, precisions and int8 recipe stay; the files,
+    verification (against torch on the recovered weights), self-check and version are new. Written atomically.
+    """
+    src = load_model_dir(src_dir)
+    out = Path(out_dir).resolve()
+    prepare_out_dir(out)
+    modules = build_modules(src)
+    state = recover_weights(src, modules)
+    for role, module in modules.items():
+        module.load_state_dict(state[role], strict=True)
+        module.eval()
+    mae, classifier = modules["autoencoder"], modules.get("classifier")
+    a = src.spec.architecture
+    old = {g: {"fp32": cpu_session(src.path(g))} for g in src.spec.files}
+    check_rows(verify(torch_reference(mae, classifier), old, pixel_sets((a.in_chans, a.img_size, a.img_size),
+                                                                        real_images), a.num_patches))
+    precisions = [p for p in PRECISIONS if p in src.precisions("encoder")]
+    recipes = {f.quantization for by_precision in src.spec.files.values() for f in by_precision.values()
+               if f.quantization}
+    if len(recipes) > 1:
+        raise ValueError(f"{src.root}: int8 graphs of different recipes {sorted(recipes)}; re-export one at a time")
+    int8_recipe = recipes.pop() if recipes else DEFAULT_RECIPE
+
+    def spec_of(tmp: Path, files: dict[str, dict[str, FileSpec]], checked: Verification,
+                self_check: SelfCheckSpec) -> ModelJson:
+        info = src.spec.classifier
+        return src.spec.model_copy(update={
+            "version": model_version(files), "files": files, "verification": checked,
+            "self_check": self_check, "classifier": info and info.model_copy(update={"features": True}),
+            "weights": write_weights(tmp, modules) if src.spec.weights is not None else None})
+
+    build_model_dir(out, mae, classifier, precisions, opset, int8_recipe, real_images, spec_of, log)
+    log(f"mae-export: wrote {out}, re-exported from the fp32 graphs of {src.root}")
     return out
 
 
@@ -212,7 +285,8 @@ def derive_variants(src_dir: str | Path, out_dir: str | Path, precisions: Sequen
         kept = [r for r in (src.spec.verification.rows if src.spec.verification else []) if r.precision not in wanted]
         spec = src.spec.model_copy(update={
             "files": files, "verification": verification(kept + rows),
-            "self_check": write_self_check(tmp, session_reference(fp32), "onnxruntime-fp32", set(files), shape,
+            "self_check": write_self_check(tmp, session_reference(fp32), "onnxruntime-fp32",
+                                           checked_outputs({g: files[g]["fp32"].outputs for g in files}), shape,
                                            a.num_patches, real_images)})
         publish(tmp, out, spec, {g: {"fp32": fp32.pop(g), **new.pop(g)} for g in files})
     log(f"mae-export: wrote {out} with {', '.join(wanted)} variants derived from {src.root}")
@@ -226,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from-model-dir", type=Path, default=None,
                         help="add the --precision variants and a self-check to this model directory, without its "
                         "checkpoint: its fp32 graphs are the reference (--out may be the same directory)")
+    p.add_argument("--reexport", action="store_true",
+                   help="with --from-model-dir: export its graphs again from the weights in its fp32 graphs (same "
+                   "name, labels, training facts, precisions and int8 recipe), so they gain what this exporter "
+                   "adds, such as the classifier's features output; --precision does not apply")
     p.add_argument("--out", required=True, type=Path, help="model directory to write (replaced if it is one)")
     p.add_argument("--classifier", type=Path, default=None,
                    help="fine-tuned (or probe) checkpoint for classifier.onnx (default: the checkpoint's probe head)")
@@ -251,9 +329,14 @@ def main(args: argparse.Namespace) -> None:
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     if (args.checkpoint is None) == (args.from_model_dir is None):
         raise ValueError("give one of --checkpoint and --from-model-dir")
+    if args.reexport and args.from_model_dir is None:
+        raise ValueError("--reexport needs --from-model-dir")
     if args.from_model_dir is not None:
         spec = load_model_dir(args.from_model_dir).spec
         real = default_real_images(spec.training.dataset, spec.architecture, max(VERIFY_BATCHES))
+        if args.reexport:
+            reexport_model_dir(args.from_model_dir, args.out, None if real is None else real.numpy(), opset=args.opset)
+            return
         derive_variants(args.from_model_dir, args.out, precisions, None if real is None else real.numpy(),
                         int8_recipe=args.int8_recipe)
         return

@@ -1,5 +1,5 @@
 """The graphs `mae-export` writes, as torch modules with their contract: `encoder` (pixels, ids_keep ->
-latent), `decoder` (latent, ids_restore -> pred) and `classifier` (pixels -> logits), B and K dynamic;
+latent), `decoder` (latent, ids_restore -> pred) and `classifier` (pixels -> logits, features), B and K dynamic;
 their export to ONNX, and the torch reference every ONNX variant is verified against.
 """
 
@@ -47,6 +47,17 @@ class DecoderGraph(nn.Module):
         return self.mae.forward_decoder(latent, ids_restore)
 
 
+class ClassifierGraph(nn.Module):
+    """pixels [B, C, H, W] -> logits [B, num_classes], features [B, D] (the input of the head's last Linear)."""
+
+    def __init__(self, classifier: ViTClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        return self.classifier.forward_with_features(pixels)
+
+
 @dataclass(frozen=True, kw_only=True)
 class GraphExport:
     """One graph to export: the module, example inputs, dynamic axes and the I/O declared in model.json."""
@@ -85,10 +96,11 @@ def graph_exports(mae: ViTEncoder, classifier: ViTClassifier | None) -> dict[str
             layer_norms=2 * c.decoder_depth + 1,
         )
     if classifier is not None:
-        num_classes = classifier.head_linear.out_features
+        head = classifier.head_linear
         graphs["classifier"] = GraphExport(
-            module=classifier, example=(pixels,), dynamic_shapes=({0: B},), inputs=[pixels_spec],
-            outputs=[TensorSpec(name="logits", shape=["B", num_classes], dtype="float32")],
+            module=ClassifierGraph(classifier), example=(pixels,), dynamic_shapes=({0: B},), inputs=[pixels_spec],
+            outputs=[TensorSpec(name="logits", shape=["B", head.out_features], dtype="float32"),
+                     TensorSpec(name="features", shape=["B", head.in_features], dtype="float32")],
             layer_norms=2 * c.depth + 1,
         )
     return graphs
@@ -119,13 +131,14 @@ def check_layer_norms(model: onnx.ModelProto, expected: int, what: str) -> None:
 
 
 def torch_reference(mae: ViTEncoder, classifier: ViTClassifier | None) -> self_check.RunGraph:
-    """The torch modules as a (graph, feeds) -> output function, the reference the ONNX graphs are held to."""
+    """The torch modules as a (graph, feeds) -> output function, the reference the ONNX graphs are held to
+    (`classifier.features`: the classifier graph's second output)."""
 
     @torch.no_grad()
     def run(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
         module = {"encoder": mae.forward_encoder, "decoder": getattr(mae, "forward_decoder", None),
-                  "classifier": classifier}[graph]
+                  "classifier": classifier, self_check.FEATURES: getattr(classifier, "head_features", None)}[graph]
         return module(*args).numpy()
 
     return run

@@ -7,6 +7,7 @@ The files, the verification table and the self-check entry come from the export 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def describe(*, ckpt: Checkpoint, cls_ckpt: Checkpoint | None, classifier: ViTCl
     info = (cls_ckpt or ckpt).classifier if classifier is not None else None
     return ModelJson(
         name=name or ckpt.args.get("model") or Path(checkpoint).stem,
-        version=files["encoder"]["fp32"].sha256[:12],
+        version=model_version(files),
         architecture=Architecture(**{k: v for k, v in config.to_dict().items() if k != "norm_pix_loss"},
                                   num_patches=config.num_patches, grid_size=config.grid_size),
         preprocessing=preprocessing(ckpt.data, config),
@@ -48,6 +49,13 @@ def describe(*, ckpt: Checkpoint, cls_ckpt: Checkpoint | None, classifier: ViTCl
         self_check=self_check,
         weights=weights,
     )
+
+
+def model_version(files: dict[str, dict[str, FileSpec]]) -> str:
+    """model.json's `version`: a digest of the fp32 graphs (the variants derive from them), so a re-export that
+    changes any graph, not only the encoder, is a new version."""
+    digest = hashlib.sha256("".join(f"{g}:{by_precision['fp32'].sha256}\n" for g, by_precision in files.items()).encode())
+    return digest.hexdigest()[:12]
 
 
 def embedding_info(ckpt: Checkpoint) -> Embedding:
@@ -88,4 +96,4 @@ def class_labels(classifier: ViTClassifier, info: ClassifierRecord, data: dict[s
 
 def classifier_info(classifier: ViTClassifier, info: ClassifierRecord) -> ClassifierInfo:
     top1 = info.metrics.get(f"{info.head_type}_top1", info.metrics.get("top1"))
-    return ClassifierInfo(source=info.head_type, pooling=classifier.pooling, top1=top1)
+    return ClassifierInfo(source=info.head_type, pooling=classifier.pooling, top1=top1, features=True)

@@ -16,10 +16,19 @@ import numpy as np
 import onnxruntime as ort
 
 from model_dir import self_check
-from model_dir.schema import PRECISIONS, ModelDir, SelfCheckSpec, Verification, VerificationRow, sha256_file
+from model_dir.schema import (
+    PRECISIONS,
+    ModelDir,
+    SelfCheckSpec,
+    TensorSpec,
+    Verification,
+    VerificationRow,
+    sha256_file,
+)
 from training.variants import Sessions
 
 VERIFY_BATCHES = (1, 3, 8)
+CLASSIFIER_ROWS = ("classifier", self_check.FEATURES)  # the rows of the classifier graph's outputs, in order
 
 
 class ExportVerificationError(ValueError):
@@ -68,11 +77,14 @@ def verify(reference: self_check.RunGraph, sessions: Sessions, pixel_sets: Mappi
                             None, {"latent": ort_latent, "ids_restore": ids_restore})[0]
                         rows.append(compare("encoder+decoder", precision, kind, batch, keep, pred, ort_pred))
             if "classifier" in sessions:
-                logits = reference("classifier", {"pixels": pixels})
+                expected = {"classifier": reference("classifier", {"pixels": pixels})}
                 for precision, sess in sessions["classifier"].items():
-                    rows.append(compare("classifier", precision, kind, batch, None, logits,
-                                        sess.run(None, {"pixels": pixels})[0]))
-    order = ["encoder", "encoder+decoder", "classifier"]
+                    outputs = dict(zip(CLASSIFIER_ROWS, sess.run(None, {"pixels": pixels}), strict=False))
+                    for graph, actual in outputs.items():  # logits, and features when the graph has them
+                        if graph not in expected:
+                            expected[graph] = reference(graph, {"pixels": pixels})
+                        rows.append(compare(graph, precision, kind, batch, None, expected[graph], actual))
+    order = ["encoder", "encoder+decoder", *CLASSIFIER_ROWS]
     return sorted(rows, key=lambda r: (order.index(r.graph), PRECISIONS.index(r.precision), r.inputs))
 
 
@@ -138,12 +150,17 @@ def run_self_check(model_dir: ModelDir, sessions: Sessions) -> None:
     """Every variant on the stored self-check, with the server's checks; raises if one misses its gate."""
     arrays = self_check.load(model_dir.root / model_dir.spec.self_check.path)
     for precision in sessions["encoder"]:
-        run = lambda graph, feeds, p=precision: sessions[graph].get(p, sessions[graph]["fp32"]).run(None, feeds)[0]
+        def run(name: str, feeds: dict[str, np.ndarray], p: str = precision) -> np.ndarray:
+            graph, output = self_check.graph_output(name)
+            return sessions[graph].get(p, sessions[graph]["fp32"]).run(output and [output], feeds)[0]
+
         results = [self_check.check_encoder(arrays, precision, run)]
         if "decoder" in sessions:
             results.append(self_check.check_chain(arrays, precision, run))
         if "classifier" in sessions:
             results.append(self_check.check_classifier(arrays, precision, run))
+        if "features" in arrays:
+            results.append(self_check.check_features(arrays, precision, run))
         failed = [r for r in results if not r.passed]
         if failed:
             raise ExportVerificationError(f"self-check: {failed[0].graph} {precision} misses its gate "
@@ -151,5 +168,17 @@ def run_self_check(model_dir: ModelDir, sessions: Sessions) -> None:
 
 
 def session_reference(sessions: Mapping[str, ort.InferenceSession]) -> self_check.RunGraph:
-    """ONNX Runtime sessions (the fp32 graphs of a directory) as the reference function."""
-    return lambda graph, feeds: sessions[graph].run(None, feeds)[0]
+    """ONNX Runtime sessions (the fp32 graphs of a directory) as the reference function (`classifier.features`:
+    the classifier graph's `features` output)."""
+
+    def run(name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        graph, output = self_check.graph_output(name)
+        return sessions[graph].run(output and [output], feeds)[0]
+
+    return run
+
+
+def checked_outputs(outputs: Mapping[str, Sequence[TensorSpec]]) -> set[str]:
+    """The graphs (and the classifier's features output) the self-check stores, from each graph's outputs."""
+    classifier = [t.name for t in outputs.get("classifier", [])]
+    return set(outputs) | ({self_check.FEATURES} if classifier[1:] == ["features"] else set())

@@ -22,6 +22,8 @@ from onnx import numpy_helper
 from safetensors.torch import save_file
 from torch import nn
 
+from model.configs import MAEConfig
+from model.mae import EncoderOnlyMAE, MaskedAutoencoderViT, ViTClassifier
 from model_dir.schema import ModelDir, WeightsSpec, sha256_file
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -93,10 +95,12 @@ class _Graph:
         return names[0]
 
 
-def recover_state_dict(path: Path, template: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def recover_state_dict(path: Path, template: Mapping[str, torch.Tensor], *prefixes: str) -> dict[str, torch.Tensor]:
     """The entries of `template` (a module's state dict: keys and shapes) that the graph at `path` uses, read from
-    its nodes (module path `prefix + key`) or, for tokens, its initializers (named, or folded as described above)."""
+    its nodes (module path `prefix + key`, the first of `prefixes` the graph has) or, for tokens, its initializers
+    (named, or folded as described above)."""
     graph = _Graph(path)
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in graph.params)), prefixes[-1])
     out: dict[str, np.ndarray] = {}
     for key, ref in template.items():
         shape, name = tuple(ref.shape), prefix + key
@@ -117,6 +121,21 @@ def recover_state_dict(path: Path, template: Mapping[str, torch.Tensor], prefix:
     return {key: torch.from_numpy(np.array(value)) for key, value in out.items()}
 
 
+def build_modules(model_dir: ModelDir) -> dict[str, nn.Module]:
+    """The modules the directory's graphs were exported from, randomly initialised: `autoencoder` (with the
+    decoder when there is a decoder graph) and `classifier` when there is a classifier graph."""
+    spec = model_dir.spec
+    config = MAEConfig.from_dict({**{k: v for k, v in spec.architecture.model_dump().items()
+                                     if k not in ("num_patches", "grid_size")}, "norm_pix_loss": spec.norm_pix_loss})
+    modules: dict[str, nn.Module] = {
+        "autoencoder": MaskedAutoencoderViT(config) if model_dir.has("decoder") else EncoderOnlyMAE(config)}
+    if spec.classifier is not None:
+        num_classes = int(model_dir.file("classifier").outputs[0].shape[-1])
+        modules["classifier"] = ViTClassifier(config, num_classes=num_classes, head_type=spec.classifier.source,
+                                              pooling=spec.classifier.pooling)
+    return modules
+
+
 def recover_weights(model_dir: ModelDir, modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """Per module role, its state dict recovered from the directory's fp32 graphs: the autoencoder's encoder
     part from the encoder graph, its decoder part from the decoder graph, the classifier from its own."""
@@ -128,5 +147,8 @@ def recover_weights(model_dir: ModelDir, modules: Mapping[str, nn.Module]) -> di
         if model_dir.has(graph):
             state["autoencoder"] |= recover_state_dict(model_dir.path(graph), part, "mae.")
     if "classifier" in modules:
-        state["classifier"] = recover_state_dict(model_dir.path("classifier"), modules["classifier"].state_dict(), "")
+        # ClassifierGraph wraps the classifier (`classifier.*`) since the graph has a features output; before, the
+        # classifier was the graph's root module.
+        state["classifier"] = recover_state_dict(model_dir.path("classifier"), modules["classifier"].state_dict(),
+                                                 PREFIXES["classifier"], "")
     return state

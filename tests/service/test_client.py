@@ -104,6 +104,10 @@ def test_every_method_with_every_image_kind(live: Live, tmp_path: Path) -> None:
         assert live.metric("mae_requests_total", route="/embed", status="200") - requests_before == 3  # 2 + 2 + 1
         np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
         assert mae.embed(paths[0]).shape == (1, expected.shape[1])
+        features = np.array([d["embedding"] for d in live.native("/embed", source="classifier")["data"]], np.float32)
+        np.testing.assert_allclose(mae.embed(kinds, source="classifier"), features, atol=1e-5, rtol=0)
+        with pytest.raises(InvalidOptionError, match="applies to source=encoder only"):
+            mae.embed(paths[0], source="classifier", pooling="cls")
         info = mae.info()
         assert info["limits"]["max_images_per_request"] == 2 and "open_inference_v2" in info["protocols"]
         labels = mae.classify(paths[:3], top_k=2)
@@ -125,6 +129,9 @@ def test_async_client_twin(live: Live) -> None:
             vectors = await mae.embed([sample_png(n) for n in NAMES])
             expected = np.array([d["embedding"] for d in live.native("/embed")["data"]], dtype=np.float32)
             np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
+            features = await mae.embed([sample_png(n) for n in NAMES], source="classifier", normalize=False)
+            raw = live.native("/embed", source="classifier", normalize=False)["data"]
+            np.testing.assert_allclose(features, [d["embedding"] for d in raw], atol=1e-5, rtol=0)
             assert (await mae.info())["model"]["name"]
             assert len(await mae.classify([sample_png()], top_k=3)) == 1
             assert (await mae.reconstruct(sample_png(), seed=1)).seed == 1

@@ -65,3 +65,14 @@ def test_embeddings_knn_matches_the_reported_figure(client):
         labels = np.array([r["class_id"] for r in IMAGES])
         top1 = float(np.mean(weighted_knn(emb, labels, emb, leave_one_out=True) == labels)) * 100
         assert abs(top1 - reported[pooling]["fixture_top1"]) <= 1.0, (pooling, top1, reported[pooling])
+
+
+def test_classifier_source_knn_matches_the_reported_figure(client):
+    """The same vote on /embed?source=classifier (the fine-tuned classifier's pooled features, which cluster by
+    class): within a point of the recorded figure, which /info reports with the source."""
+    source = client.get("/info").json()["embedding_sources"]["classifier"]
+    assert source["dim"] == 128 and source["knn"]["fixture_top1"] == 91.0
+    emb = np.array([d["embedding"] for d in post_all(client, "/embed", source="classifier")], dtype=np.float32)
+    labels = np.array([r["class_id"] for r in IMAGES])
+    top1 = float(np.mean(weighted_knn(emb, labels, emb, leave_one_out=True) == labels)) * 100
+    assert abs(top1 - source["knn"]["fixture_top1"]) <= 1.0, top1

@@ -94,6 +94,20 @@ def test_openai_errors_and_models(live: str, model: str) -> None:
                                                                                                 input=image)
 
 
+def test_openai_source_classifier_equals_embed(live: str, model: str) -> None:
+    """`source` as an extra body field: the classifier's features, as /embed?source=classifier gives them."""
+    client = openai.OpenAI(base_url=f"{live}/v1", api_key=KEY, max_retries=0)
+    inputs = [f"data:image/png;base64,{_b64(sample_png(n))}" for n in NAMES]
+    expected = np.array([d["embedding"] for d in native(live, "/embed", source="classifier")["data"]], np.float32)
+    response = client.embeddings.create(model=model, input=inputs, extra_body={"source": "classifier"},
+                                        dimensions=expected.shape[1])
+    np.testing.assert_allclose([d.embedding for d in response.data], expected, atol=1e-5, rtol=0)
+    with pytest.raises(openai.UnprocessableEntityError, match="not trained to be truncated"):
+        client.embeddings.create(model=model, input=inputs[0], extra_body={"source": "classifier"}, dimensions=8)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.embeddings.create(model=model, input=inputs[0], extra_body={"source": "decoder"})
+
+
 # -- Open Inference Protocol v2 ----------------------------------------------------------------------------
 
 
@@ -144,6 +158,17 @@ def test_oip_embed_equals_embed(live: str, model: str, v2: triton.InferenceServe
                       headers=auth())
     np.testing.assert_allclose(result.as_numpy("embedding"), native_vectors(live), atol=1e-5, rtol=0)
     assert result.get_response()["model_name"] == f"{model}-embed"
+
+
+def test_oip_embed_source_classifier_equals_embed(live: str, model: str, v2: triton.InferenceServerClient) -> None:
+    """`parameters.source`: the classifier's features, as /embed?source=classifier; with a pooling, a 422."""
+    result = v2.infer(f"{model}-embed", [image_input(True)], parameters={"source": "classifier"}, headers=auth())
+    expected = [d["embedding"] for d in native(live, "/embed", source="classifier")["data"]]
+    np.testing.assert_allclose(result.as_numpy("embedding"), expected, atol=1e-5, rtol=0)
+    r = httpx.post(f"{live}/v2/models/{model}-embed/infer", headers=auth(), json={
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64(sample_png())]}],
+        "parameters": {"source": "classifier", "pooling": "cls"}})
+    assert r.status_code == 422 and "applies to source=encoder only" in r.json()["error"]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

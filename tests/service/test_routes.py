@@ -148,6 +148,54 @@ def test_embed_accepts_awkward_modes(client: TestClient) -> None:
         assert client.post("/embed", files=files(data)).status_code == 200
 
 
+def test_embed_source_classifier_is_the_classifier_graphs_features(client: TestClient, tiny_model_dir: Path) -> None:
+    """source=classifier: the classifier graph's `features` output of the preprocessed image (the input of its last
+    Linear), normalized when asked; multipart, JSON and query agree; the response names the source."""
+    import onnxruntime as ort
+
+    from model_dir.schema import load_model_dir
+    from service.imaging import load_model_image
+
+    pngs = [sample_png(n) for n in ("coat", "bag")]
+    md = load_model_dir(tiny_model_dir)
+    pixels = np.stack([load_model_image(p, md.spec.preprocessing, 10**6).pixels for p in pngs])
+    session = ort.InferenceSession(str(md.path("classifier")), providers=["CPUExecutionProvider"])
+    expected = session.run(["features"], {"pixels": pixels})[0]
+    raw = client.post("/embed", files=files(*pngs), data={"source": "classifier", "normalize": "false"})
+    assert raw.status_code == 200, raw.text
+    body = raw.json()
+    assert (body["source"], body["pooling"], body["dim"]) == ("classifier", None, 32)
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], expected, atol=1e-5, rtol=0)
+    unit = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+    for r in (client.post("/embed", json={"images": [b64(p) for p in pngs], "source": "classifier"}),
+              client.post("/embed?source=classifier", files=files(*pngs))):
+        assert r.status_code == 200 and r.json()["normalized"] is True
+        np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], unit, atol=1e-5, rtol=0)
+    encoder = client.post("/embed", files=files(pngs[0])).json()
+    assert (encoder["source"], encoder["pooling"]) == ("encoder", "mean")  # the default, as before
+    assert client.get("/info").json()["embedding_sources"] == {  # no kNN recorded for the tiny model
+        "encoder": {"dim": 32, "default_pooling": "mean", "knn": None}, "classifier": {"dim": 32, "knn": None}}
+    assert metric(client.get("/metrics").text, "mae_batch_size_count", queue="classifier.features") >= 1  # own queue
+
+
+def test_embed_source_classifier_errors(client: TestClient, encoder_only_dir: Path, logits_only_dir: Path) -> None:
+    """422 invalid_option: a pooling with source=classifier, an unknown source, a model without a classifier and
+    one whose classifier graph has no features output (exported before it)."""
+    png = sample_png()
+    for data in ({"source": "classifier", "pooling": "mean"}, {"source": "decoder"}):
+        assert error_of(client.post("/embed", files=files(png), data=data)) == (422, "invalid_option")
+    assert "pooling 'mean' applies to source=encoder only" in client.post(
+        "/embed", json={"image": b64(png), "source": "classifier", "pooling": "mean"}).json()["error"]["message"]
+    for model_dir, why in ((encoder_only_dir, "has no classifier graph"), (logits_only_dir, "without a features")):
+        with make_client(model_dir) as c:
+            r = c.post("/embed", files=files(png), data={"source": "classifier"})
+            assert error_of(r) == (422, "invalid_option") and why in r.json()["error"]["message"]
+            assert list(c.get("/info").json()["embedding_sources"]) == ["encoder"]
+            assert c.post("/embed", files=files(png)).status_code == 200
+    with make_client(logits_only_dir) as c:  # its /classify still serves the logits
+        assert c.post("/classify", files=files(png)).status_code == 200
+
+
 # -- /reconstruct ---------------------------------------------------------------------------------------
 
 
@@ -402,7 +450,9 @@ def test_a_batch_that_runs_alone_uses_the_all_core_sessions_with_the_same_result
     pixels = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
     ids = runtime.all_patches(3)
     np.testing.assert_allclose(runtime.encode(pixels, ids, alone=True), runtime.encode(pixels, ids), atol=1e-5)
-    np.testing.assert_allclose(runtime.classify(pixels, alone=True), runtime.classify(pixels), atol=1e-5)
+    alone, shared = runtime.classify(pixels, alone=True), runtime.classify(pixels)
+    np.testing.assert_allclose(alone.logits, shared.logits, atol=1e-5)
+    np.testing.assert_allclose(alone.features, shared.features, atol=1e-5)
     assert Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=2, lone_threads=2).lone_sessions == {}
 
 

@@ -17,9 +17,10 @@ import pytest
 from onnx import numpy_helper
 from service_helpers import make_client, sample_png
 
-from model_dir.schema import MODEL_JSON, sha256_file
+from model_dir import self_check
+from model_dir.schema import MODEL_JSON, load_model_dir, sha256_file
 from service.app import create_app
-from service.runtime import RuntimeConfigError
+from service.runtime import Runtime, RuntimeConfigError
 from service.settings import Settings
 
 
@@ -53,7 +54,7 @@ def test_exported_variants_pass_their_self_check_here(tiny_model_dir: Path) -> N
     check = runtime["self_check"]
     assert check["reference"] == "torch" and check["inputs"] == "real" and check["images"] == 8
     assert {(r["graph"], r["precision"]) for r in check["results"]} == {
-        ("encoder", "int8"), ("encoder+decoder", "int8"), ("classifier", "int8")}
+        ("encoder", "int8"), ("encoder+decoder", "int8"), ("classifier", "int8"), ("classifier.features", "int8")}
     assert all(r["passed"] and r["cosine"] >= r["gate"] for r in check["results"]), check
     assert check["fell_back"] == [] and {g["precision"] for g in runtime["graphs"].values()} == {"int8"}
     assert check["cpu"]["model"] and isinstance(check["cpu"]["flags"], list)
@@ -71,6 +72,16 @@ def test_a_degraded_int8_graph_is_replaced_by_fp32_at_startup(degraded_dir: Path
     line = next(r.getMessage() for r in caplog.records if "self-check" in r.getMessage())
     assert "encoder.int8.onnx fails its gate on this CPU" in line and "cosine" in line and "flags" in line
     assert "serving encoder.onnx (fp32) instead" in line
+
+
+def test_a_features_check_that_fails_blames_the_classifier_graph(tiny_model_dir: Path) -> None:
+    """The classifier's features are checked like its logits; below the gate, the int8 classifier is replaced."""
+    runtime = Runtime(load_model_dir(tiny_model_dir), device="cpu", precision="int8")
+    failed = self_check.CheckResult(graph=self_check.FEATURES, precision="int8", max_abs_diff=1.0, cosine=0.5,
+                                    passed=False)
+    assert runtime._culprit(failed) == "classifier"
+    assert "classifier.int8.onnx fails its gate" in runtime._self_check_failure(failed, "classifier", "torch",
+                                                                                self_check.cpu_features())
 
 
 def test_a_degraded_int8_graph_stops_the_server_when_asked(degraded_dir: Path) -> None:
@@ -95,6 +106,6 @@ def test_the_bundled_int8_variant_passes_its_self_check_here() -> None:
     with make_client(BUNDLED_MODEL_DIR, precision="int8") as c:
         runtime = c.get("/info").json()["runtime"]
     check = runtime["self_check"]
-    assert check["reference"] == "onnxruntime-fp32" and check["fell_back"] == []
+    assert check["reference"] == "torch" and check["fell_back"] == []  # re-exported from its recovered weights
     assert {g["precision"] for g in runtime["graphs"].values()} == {"int8"}
     assert all(r["passed"] for r in check["results"]), check

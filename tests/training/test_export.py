@@ -101,6 +101,54 @@ def test_classifier_matches_torch_and_carries_labels(tiny_checkpoint, tiny_model
     assert (spec.training.dataset, spec.training.epochs) == ("fashion-mnist", 2)
 
 
+@torch.no_grad()
+def test_classifier_graph_outputs_its_features_in_every_precision(tiny_checkpoint, tiny_model_dir) -> None:
+    """`features`, the input of the head's last Linear (here the probe's batch-normalized pooled features): in the
+    fp32, fp16 and int8 graphs, declared in model.json and verified against torch like the logits."""
+    classifier = load_classifier(tiny_checkpoint)
+    pixels = real_pixels(tiny_model_dir)
+    expected = classifier.head_features(pixels).numpy()
+    model_dir = load_model_dir(tiny_model_dir)
+    assert model_dir.spec.classifier.features and model_dir.spec.classifier_features_dim() == 32
+    for precision in ("fp32", "fp16", "int8"):
+        assert [t.name for t in model_dir.file("classifier", precision).outputs] == ["logits", "features"]
+        logits, features = session(model_dir.path("classifier", precision)).run(None, {"pixels": pixels.numpy()})
+        assert features.shape == expected.shape and features.dtype == np.float32
+        if precision == "fp32":
+            np.testing.assert_allclose(features, expected, rtol=0, atol=1e-4)
+        assert self_check.cosine_per_image(expected, features).min() >= 0.999
+    rows = [r for r in model_dir.spec.verification.rows if r.graph == "classifier.features"]
+    assert {(r.precision, r.inputs) for r in rows} == {(p, i) for p in ("fp32", "fp16", "int8")
+                                                       for i in ("random", "real")}
+    assert all(r.passed for r in rows)
+
+
+def test_reexport_adds_the_features_output_to_an_older_directory(logits_only_dir, tiny_model_dir, tmp_path) -> None:
+    """mae-export --from-model-dir --reexport: a directory whose classifier has logits only (as before the features
+    output) gets it, from weights recovered from its fp32 graphs; the same logits and latent, the same facts."""
+    old = logits_only_dir
+    before_spec = load_model_dir(old).spec
+    assert not before_spec.classifier.features
+    export.cli(["--from-model-dir", str(old), "--reexport", "--out", str(tmp_path / "new")])
+    out = tmp_path / "new"
+    new = load_model_dir(out).spec
+    assert new.classifier.features and new.weights is None and new.self_check.reference == "torch"
+    assert list(new.files["classifier"]) == ["fp32"]
+    assert new.version == load_model_dir(tiny_model_dir).spec.version != before_spec.version  # the same graphs
+    assert (new.name, new.labels, new.training, new.preprocessing, new.embedding) == (
+        before_spec.name, before_spec.labels, before_spec.training, before_spec.preprocessing, before_spec.embedding)
+    assert {r.graph for r in new.verification.rows} >= {"classifier", "classifier.features"}
+    pixels = real_pixels(tiny_model_dir).numpy()
+    before = session(old / "classifier.onnx").run(None, {"pixels": pixels})
+    after = session(out / "classifier.onnx").run(None, {"pixels": pixels})
+    assert len(before) == 1 and len(after) == 2
+    np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-5)
+    ids = np.tile(np.arange(L, dtype=np.int64), (len(pixels), 1))
+    np.testing.assert_allclose(session(out / "encoder.onnx").run(None, {"pixels": pixels, "ids_keep": ids})[0],
+                               session(old / "encoder.onnx").run(None, {"pixels": pixels, "ids_keep": ids})[0],
+                               rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 @torch.no_grad()
 def test_reduced_precision_variants_load_and_keep_the_latent(mae, tiny_model_dir, precision: str) -> None:
@@ -255,6 +303,7 @@ def test_a_failed_export_keeps_the_previous_model_directory(encoder_only_checkpo
     ["--checkpoint", "no-such.pth"],
     ["--precision", "fp32,int4"],
     ["--opset", "23"],
+    ["--reexport"],  # needs --from-model-dir
 ])
 def test_cli_exits_2_on_bad_input(tiny_checkpoint, tmp_path, capsys, argv) -> None:
     args = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "out"), *argv]
