@@ -100,7 +100,8 @@ def _outputs(server: Server, model: V2Model) -> list[dict[str, Any]]:
     a = spec.architecture
     image = [-1, a.in_chans, a.img_size, a.img_size]
     return {
-        "embed": [{"name": "embedding", "datatype": "FP32", "shape": [-1, spec.embedding.dim]}],  # the defaults' size
+        # The width depends on the request's pooling and source (/info's embedding_sources): a variable dimension.
+        "embed": [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}],
         "reconstruct": [{"name": "reconstruction", "datatype": "FP32", "shape": image},
                         {"name": "pasted", "datatype": "FP32", "shape": image},
                         {"name": "mask", "datatype": "UINT8", "shape": [-1, a.num_patches]},

@@ -152,6 +152,20 @@ def test_oip_server_and_model_metadata(live: str, model: str, v2: triton.Inferen
     assert httpx.get(f"{live}/v2/health/ready").json() == {"ready": True}
 
 
+@pytest.mark.parametrize("parameters", [{"pooling": "cls"}, {"pooling": "cls+mean"}, {"source": "classifier"}],
+                         ids=["cls", "cls+mean", "classifier"])
+def test_oip_outputs_fit_the_declared_shapes(model: str, v2: triton.InferenceServerClient,
+                                             parameters: dict[str, str]) -> None:
+    """What infer returns fits the metadata's shape (-1 = any size) whatever the parameters change."""
+    declared = {o["name"]: o for o in v2.get_model_metadata(f"{model}-embed", headers=auth())["outputs"]}
+    result = v2.infer(f"{model}-embed", [image_input(True)], parameters=parameters, headers=auth())
+    for name, spec in declared.items():
+        got = result.as_numpy(name)
+        assert got.dtype == np.float32 and spec["datatype"] == "FP32"
+        assert len(got.shape) == len(spec["shape"])
+        assert all(want in (-1, size) for want, size in zip(spec["shape"], got.shape, strict=True)), (spec, got.shape)
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_oip_embed_equals_embed(live: str, model: str, v2: triton.InferenceServerClient, binary: bool) -> None:
     result = v2.infer(f"{model}-embed", [image_input(binary)], outputs=outputs_for(["embedding"], binary),
