@@ -13,6 +13,9 @@ scratch arm's lr sweep (on images held out of the training split) runs first and
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 0 --extra-seed --long-10pct 1000 &
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 1 --extra-seed --long-10pct 1000 &
     python benchmarks/label_efficiency.py collect   # JSON and plot in docs/model_card/
+
+`--full` adds the 100% arms last (one seed; ~25 min per arm on one thread). In a new checkout whose runs/ is
+gone, `restore` first writes the recorded results back, so `run` does only what is missing.
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ from benchmarks.run_plan import results, work  # noqa: E402
 OUT = Path("runs/label_efficiency")
 RESULTS = Path("docs/model_card")
 MODEL = "mae_vit_tiny_fmnist"
-PER_CLASS = {"1%": 60, "10%": 600}
+PER_CLASS = {"1%": 60, "10%": 600, "100%": 6000}
+PROBE_SIZES = ["1%", "10%"]
 BATCH = 64
 # the same for both arms at each size; sized for one 2-core session (~0.5-1 s per step on one thread): 1% is
-# 44 epochs of 9 steps, 10% 4 epochs of 93 steps
-BUDGET_STEPS = {"1%": 400, "10%": 400}
-SEEDS = {"1%": [0, 1, 2], "10%": [0, 1]}  # and 10% seed 2 with `run --extra-seed`
+# 44 epochs of 9 steps, 10% 4 epochs of 93 steps, 100% 3 epochs of 937 steps (run last, `run --full`)
+BUDGET_STEPS = {"1%": 400, "10%": 400, "100%": 2811}
+SEEDS = {"1%": [0, 1, 2], "10%": [0, 1], "100%": [0]}  # and 10% seed 2 with `run --extra-seed`
 # the recipe of configs/finetune_fmnist.toml; the scratch arm gets layer decay 1.0 (nothing pretrained to keep)
 RECIPE = ["--batch-size", str(BATCH), "--drop-path", "0.1", "--label-smoothing", "0.1", "--crop-scale-min", "0.8",
           "--weight-decay", "0.05", "--min-lr", "1e-6"]
@@ -129,13 +133,14 @@ def probe_runs(encoder_kind: str) -> list[dict]:
     test = build_dataset("fashion-mnist", "test", 28, 1, train=False)
     y_test = test.targets.clone()
     results = []
-    for seed in sorted({*SEEDS["1%"], *SEEDS["10%"]}):
+    for seed in sorted({seed for size in PROBE_SIZES for seed in SEEDS[size]}):
         torch.manual_seed(seed)
         if encoder_kind == "random" or not results:
             encoder = (Checkpoint.load(OUT / "pretrained-mae.pth").autoencoder() if encoder_kind == "mae"
                        else MaskedAutoencoderViT(get_config(MODEL))).eval()
             x_test = probe.extract_latents(encoder, test, quiet=True)
-        for size, per_class in PER_CLASS.items():
+        for size in PROBE_SIZES:
+            per_class = PER_CLASS[size]
             train = build_dataset("fashion-mnist", "train", 28, 1, train=False)
             keep_class_balanced(train, per_class, seed)
             x, y = probe.extract_latents(encoder, train, quiet=True), train.targets.clone()
@@ -151,6 +156,25 @@ def probe_runs(encoder_kind: str) -> list[dict]:
     return results
 
 
+def restore() -> None:
+    """Write the runs recorded in docs/model_card/label_efficiency.json back as result.json files (a run's folder
+    from its command's --output-dir, the probes as probe/<encoder>), so that a session whose runs/ is gone skips
+    them; the checkpoints are not restored, only the results."""
+    recorded = json.loads((RESULTS / "label_efficiency.json").read_text())
+    found: dict[Path, object] = {}
+    for r in recorded["runs"] + recorded["sweep"]:
+        if r["kind"] == "probe":
+            found.setdefault(OUT / "probe" / r["arm"].removeprefix("probe-"), []).append(r)  # type: ignore[union-attr]
+        else:
+            argv = r["command"].split()
+            found[Path(argv[argv.index("--output-dir") + 1])] = r
+    for run, result in found.items():
+        if not (run / "result.json").is_file():
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "result.json").write_text(json.dumps(result, indent=1))
+            print(f"restored {run}")
+
+
 def best_scratch_blr() -> float | None:
     """The scratch arm's blr: the best validation top-1 of the sweep (None until the sweep is done)."""
     runs = [OUT / f"tune/scratch-blr{blr:g}" / "result.json" for blr in TUNE_BLRS]
@@ -159,14 +183,14 @@ def best_scratch_blr() -> float | None:
     return max((json.loads(r.read_text()) for r in runs), key=lambda r: (r["top1"], -r["blr"]))["blr"]
 
 
-def plan(extra_seed: bool, long_10pct: int | None) -> list[tuple[str, object]]:
+def plan(extra_seed: bool, long_10pct: int | None, full: bool) -> list[tuple[str, object]]:
     """(run name, thunk) in order; a scratch thunk returns None while the lr sweep is unfinished."""
     jobs: list[tuple[str, object]] = [
         (f"tune/scratch-blr{blr:g}", lambda run, blr=blr: finetune_run(run, arm="scratch", size="1%", seed=0,
                                                                        blr=blr, val=True))
         for blr in TUNE_BLRS]
     jobs += [(f"probe/{kind}", lambda run, kind=kind: probe_runs(kind)) for kind in ("mae", "random")]
-    for size in PER_CLASS:
+    for size in PROBE_SIZES:
         for seed in SEEDS[size] + ([2] if extra_seed and size == "10%" else []):
             for arm in ARMS:
                 jobs.append((f"{size.rstrip('%')}pct/{arm}-seed{seed}",
@@ -174,6 +198,9 @@ def plan(extra_seed: bool, long_10pct: int | None) -> list[tuple[str, object]]:
     if long_10pct:
         jobs += [(f"10pct-{long_10pct}steps/{arm}-seed0",
                   lambda run, arm=arm: _final(run, arm, "10%", 0, budget=long_10pct)) for arm in ARMS]
+    if full:
+        jobs += [(f"100pct/{arm}-seed{seed}", lambda run, arm=arm, seed=seed: _final(run, arm, "100%", seed))
+                 for seed in SEEDS["100%"] for arm in ARMS]
     return jobs
 
 
@@ -204,7 +231,7 @@ def collect() -> dict:
         errors[name] = [r["std"] or 0.0 for r in rows]
         series[name] = [(math.log10(float(r["size"].rstrip("%"))), r["mean"]) for r in rows]
     line_plot(series, RESULTS / "label_efficiency.png", "Fashion-MNIST test top-1 by labelled fraction",
-              "log10(% of training labels): 0 = 1%, 1 = 10%", "top-1 % (mean ± std)", errors=errors)
+              "log10(% of training labels): 0 = 1%, 1 = 10%, 2 = 100%", "top-1 % (mean ± std)", errors=errors)
     for key, r in summary.items():
         print(f"| {key} | {r['mean']:.2f} ± {r['std'] or 0.0:.2f} | {r['n']} |")
     return out
@@ -212,17 +239,20 @@ def collect() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["prepare", "run", "collect"])
+    p.add_argument("stage", choices=["prepare", "restore", "run", "collect"])
     p.add_argument("--worker", default="0", help="this worker's name in the log")
     p.add_argument("--extra-seed", action="store_true", help="also seed 2 at 10%%")
     p.add_argument("--long-10pct", type=int, default=None, help="also 10%% seed 0 with this step budget")
+    p.add_argument("--full", action="store_true", help="also the 100%% arms (seed 0), after everything else")
     p.add_argument("--model-dir", type=Path, default=Path("service/default_model"))
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.stage == "prepare":
         pretrained_checkpoint(args.model_dir, OUT / "pretrained-mae.pth")
+    elif args.stage == "restore":
+        restore()
     elif args.stage == "run":
-        work(plan(args.extra_seed, args.long_10pct), OUT, f"worker {args.worker}")
+        work(plan(args.extra_seed, args.long_10pct, args.full), OUT, f"worker {args.worker}")
     else:
         collect()
 
