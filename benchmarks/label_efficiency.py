@@ -84,7 +84,8 @@ def pretrained_checkpoint(model_dir: Path, out: Path) -> Path:
         diff = float(np.abs(model.forward_encoder(imgs, ids_keep).numpy() - ref).max())
     if diff > 1e-4:
         raise SystemExit(f"recovered weights differ from encoder.onnx: max |latent diff| {diff:.2e}")
-    _save(model, out, {"source": str(model_dir), "latent_max_abs_diff_vs_onnx": diff})
+    _save(model, out, {"source": str(model_dir), "epochs": directory.spec.training.epochs,
+                       "latent_max_abs_diff_vs_onnx": diff})
     print(f"{out}: recovered from {model_dir}, max |latent - encoder.onnx| = {diff:.2e}")
     return out
 

@@ -57,15 +57,19 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    probe_ckpt = Checkpoint.load(args.run / "probe" / "checkpoint-probe.pth")
+    # a continued pretraining (init_from) logs its own epochs only; the ones before it shift the epoch axis
+    prior = probe_ckpt.metrics["epochs"] - probe_ckpt.metrics.get("epochs_this_run", probe_ckpt.metrics["epochs"])
     pre = epoch_records(args.run / "pretrain" / "metrics.jsonl")
     fine = epoch_records(args.run / "finetune" / "metrics.jsonl")
-    line_plot({"pretraining loss (norm-pix MSE, masked patches)": [(e + 1, r["train_loss"]) for e, r in pre.items()]},
-              args.out / "loss_curve.png", "MAE pretraining on Fashion-MNIST", "epoch", "loss")
+    line_plot({"pretraining loss (norm-pix MSE, masked patches)": [(prior + e + 1, r["train_loss"])
+                                                                  for e, r in pre.items()]},
+              args.out / "loss_curve.png", "MAE pretraining on Fashion-MNIST" + (f", continued from epoch {prior}"
+                                                                                 if prior else ""), "epoch", "loss")
     if fine:
         line_plot({"fine-tuning test top-1 (%)": [(e + 1, r["test_top1"]) for e, r in fine.items() if "test_top1" in r]},
                   args.out / "finetune_top1.png", "Fine-tuning", "epoch", "top-1 %")
 
-    probe_ckpt = Checkpoint.load(args.run / "probe" / "checkpoint-probe.pth")
     mae = probe_ckpt.autoencoder()
     data = probe_ckpt.data
     test = build_dataset(data["dataset"], "test", mae.config.img_size, mae.config.in_chans, train=False)
@@ -74,7 +78,8 @@ def main() -> None:
 
     model_json = json.loads((args.model_dir / "model.json").read_text())
     summary = {
-        "pretrain_epochs": len(pre),
+        "pretrain_epochs": prior + len(pre),
+        "pretrain_prior_epochs": prior,
         "pretrain_seconds": round(sum(r.get("epoch_seconds", 0) for r in pre.values())),
         "pretrain_final_loss": list(pre.values())[-1]["train_loss"],
         "finetune_epochs": len(fine),

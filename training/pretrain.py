@@ -62,6 +62,8 @@ def _pretrain(args: argparse.Namespace, info: DistInfo) -> None:
     model = MaskedAutoencoderViT(config).to(info.device)
     if args.init_from:
         _load_initial_weights(model, args.init_from)
+    # a continuation counts the epochs its starting weights had (also when it resumes from its own checkpoint)
+    prior_epochs = Checkpoint.load(args.init_from).metrics.get("epochs", 0) if args.init_from else 0
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     run = start_run(model, optimizer, args, info)
     if info.is_main:
@@ -83,7 +85,8 @@ def _pretrain(args: argparse.Namespace, info: DistInfo) -> None:
 
     def on_epoch_end(epoch: int, loss: float) -> None:
         ckpt = run.checkpoint(epoch=epoch, args=args, config=config, kind="mae", data=data,
-                              metrics={"train_loss": loss, "epochs": epoch + 1})
+                              metrics={"train_loss": loss, "epochs": prior_epochs + epoch + 1,
+                                       "epochs_this_run": epoch + 1})
         save_epoch(ckpt, args, info, final_copy=True)
         if preview_imgs is not None:
             reconstruction_grid(model, preview_imgs, dataset.mean, dataset.std, [args.mask_ratio],

@@ -53,6 +53,7 @@ def test_init_from_starts_from_the_checkpoints_weights(tmp_path, capsys):
     assert all(torch.equal(first[k], continued.model[k]) for k in first)
     assert not all(torch.equal(first[k], fresh[k]) for k in first)
     assert continued.args["init_from"] == str(source)
+    assert continued.metrics["epochs"] == 2 and continued.metrics["epochs_this_run"] == 1  # 1 before + 1 here
     with pytest.raises(SystemExit) as e:  # another architecture
         pretrain.cli([*SMALL, "--model", "mae_vit_tiny_fmnist", "--epochs", "1", "--output-dir",
                       str(tmp_path / "other"), "--init-from", str(source)])
