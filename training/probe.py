@@ -182,6 +182,7 @@ def features(encoder: nn.Module, train: SeededDataset, test: SeededDataset, args
     x_train, x_test = extract_latents(encoder, train, quiet=args.quiet), extract_latents(encoder, test, quiet=args.quiet)
     y_train, y_test = _targets(train), _targets(test)
     if args.feature_cache:
+        args.feature_cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save((x_train, y_train, x_test, y_test), args.feature_cache)
     return x_train, y_train, x_test, y_test
 
