@@ -60,10 +60,8 @@ def _pretrain(args: argparse.Namespace, info: DistInfo) -> None:
     loader = build_loader(dataset, args.batch_size, info, args.seed, train=True, num_workers=args.num_workers)
     eff_batch = scale_lr(args, info)
     model = MaskedAutoencoderViT(config).to(info.device)
-    if args.init_from:
-        _load_initial_weights(model, args.init_from)
     # a continuation counts the epochs its starting weights had (also when it resumes from its own checkpoint)
-    prior_epochs = Checkpoint.load(args.init_from).metrics.get("epochs", 0) if args.init_from else 0
+    prior_epochs = _load_initial_weights(model, args.init_from) if args.init_from else 0
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     run = start_run(model, optimizer, args, info)
     if info.is_main:
@@ -100,12 +98,14 @@ def _pretrain(args: argparse.Namespace, info: DistInfo) -> None:
         print(f"mae-train: done in {time.perf_counter() - t0:.0f} s; checkpoint {args.output_dir / 'checkpoint-last.pth'}")
 
 
-def _load_initial_weights(model: MaskedAutoencoderViT, path: str) -> None:
+def _load_initial_weights(model: MaskedAutoencoderViT, path: str) -> int:
+    """Load the source checkpoint's weights into `model`; returns the epochs they were trained for."""
     source = Checkpoint.load(path)
     if source.kind != "mae" or source.config != model.config:
         raise ValueError(f"--init-from {path}: a {source.kind} checkpoint of {source.config}; "
                          f"the run trains an MAE of {model.config}")
     model.load_state_dict(source.model)
+    return int(source.metrics.get("epochs", 0))
 
 
 def _preview_images(args: argparse.Namespace, config) -> torch.Tensor:
