@@ -9,7 +9,7 @@ Runs are resumable (`--resume auto`; a finished run leaves `result.json` and is 
 several `run` processes share the plan by claim files (a claim of a dead process is taken over); the
 scratch arm's lr sweep (on images held out of the training split) runs first and its finals wait for it.
 
-    python benchmarks/label_efficiency.py prepare   # the bundled MAE's weights as a checkpoint, checked
+    python benchmarks/label_efficiency.py prepare   # the 25-epoch MAE's weights as a checkpoint, checked
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 0 --extra-seed --long-10pct 1000 &
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/label_efficiency.py run --worker 1 --extra-seed --long-10pct 1000 &
     python benchmarks/label_efficiency.py collect   # JSON and plot in docs/model_card/
@@ -65,12 +65,21 @@ PROBE_VAL_FRACTION = 0.2  # of the subset, held out to choose pooling and L2
 PLOT_NAMES = {"pretrained": "fine-tuned, MAE-pretrained", "scratch": "fine-tuned, from scratch",
               "probe-mae": "linear probe, frozen MAE encoder", "probe-random": "linear probe, frozen random init"}
 VAL_SIZE = 5000
+# the recorded runs started from the 25-epoch model bundled until the 45-epoch one replaced it (issue 13)
+SOURCE_EPOCHS = 25
+SOURCE_COMMIT = "9065975"
 
 
 def pretrained_checkpoint(model_dir: Path, out: Path) -> Path:
     """The bundled model's 25-epoch MAE (encoder + decoder) as a `Checkpoint`, its weights read back from the
     fp32 graphs; checked against encoder.onnx's latent on 16 test images."""
     directory = load_model_dir(model_dir)
+    if directory.spec.training.epochs != SOURCE_EPOCHS:
+        raise SystemExit(
+            f"{model_dir} was pretrained {directory.spec.training.epochs} epochs; the recorded runs started from "
+            f"the {SOURCE_EPOCHS}-epoch model of commit {SOURCE_COMMIT}: git archive {SOURCE_COMMIT} "
+            f"service/default_model | tar -x -C /tmp/m{SOURCE_EPOCHS}, then prepare --model-dir "
+            f"/tmp/m{SOURCE_EPOCHS}/service/default_model")
     model = MaskedAutoencoderViT(get_config(MODEL))
     model.load_state_dict(recover_weights(directory, {"autoencoder": model})["autoencoder"], strict=True)
     model.eval()
