@@ -155,14 +155,15 @@ def export_graphs(root: Path, graphs: dict[str, GraphExport], precisions: Sequen
 def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_checkpoint: str | Path | None = None,
                      precisions: Sequence[str] = ("fp32",), name: str | None = None, opset: int = DEFAULT_OPSET,
                      verify_data: Tensor | None = None, log: Callable[[str], None] = print,
-                     int8_recipe: str = DEFAULT_RECIPE) -> Path:
+                     int8_recipe: str = DEFAULT_RECIPE, weights: bool = True) -> Path:
     """Export, verify and write the model directory `out_dir`; returns its path.
 
     fp32 is always exported (the other precisions derive from it). `verify_data`: real normalized
     images [N, C, H, W] for the verification (default: Fashion-MNIST test images when the checkpoint
     was trained on it and they are on disk; random pixels are always used too). Raises
     CheckpointError / ValueError on bad input and ExportVerificationError when ORT disagrees with
-    torch; in every failure no directory is left at `out_dir`.
+    torch; in every failure no directory is left at `out_dir`. `weights`: also write `weights.safetensors` (the
+    torch engine's weights; without it, it reads them back from the fp32 graphs).
     """
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -182,7 +183,7 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path, classifier_che
                 self_check: SelfCheckSpec) -> ModelJson:
         return describe(ckpt=ckpt, cls_ckpt=cls_ckpt, classifier=classifier, name=name, checkpoint=checkpoint,
                         files=files, verification=checked, self_check=self_check,
-                        weights=write_weights(tmp, {"autoencoder": mae, "classifier": classifier}))
+                        weights=write_weights(tmp, {"autoencoder": mae, "classifier": classifier}) if weights else None)
 
     graphs = build_model_dir(out, mae, classifier, precisions, opset, int8_recipe,
                              None if real is None else real.numpy(), spec_of, log)
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      if r.mode == "dynamic"],
                    help="int8 quantization (training/quantize.py; the README's int8 table measures each on CPUs with "
                    "and without VNNI); the default holds its gate on both kinds")
+    p.add_argument("--no-weights", dest="weights", action="store_false",
+                   help="leave out weights.safetensors (the torch engine then reads the weights back from the fp32 "
+                   "graphs, checked at startup); the bundled model does, to stay small")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({OPSETS.start}-{OPSETS.stop - 1})")
     return p
 
@@ -341,7 +345,7 @@ def main(args: argparse.Namespace) -> None:
                         int8_recipe=args.int8_recipe)
         return
     export_model_dir(args.checkpoint, args.out, args.classifier, precisions, args.name, args.opset,
-                     int8_recipe=args.int8_recipe)
+                     int8_recipe=args.int8_recipe, weights=args.weights)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

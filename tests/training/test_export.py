@@ -325,3 +325,13 @@ def test_variants_derived_from_a_model_directory(tiny_model_dir, tmp_path) -> No
     assert {r.precision for r in rows} == {"fp32", "fp16", "int8"} and all(r.passed for r in rows)
     before = load_model_dir(tiny_model_dir).spec.verification.rows
     assert [r for r in rows if r.precision == "fp32"] == [r for r in before if r.precision == "fp32"]  # torch's
+
+
+def test_no_weights_leaves_out_the_weights_file_only(encoder_only_checkpoint, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(verification, "VERIFY_BATCHES", (2,))
+    with_weights = load_model_dir(export_model_dir(encoder_only_checkpoint, tmp_path / "a", log=lambda _: None))
+    without = load_model_dir(export_model_dir(encoder_only_checkpoint, tmp_path / "b", log=lambda _: None,
+                                              weights=False))
+    assert with_weights.spec.weights is not None and (tmp_path / "a" / with_weights.spec.weights.path).is_file()
+    assert without.spec.weights is None and not list((tmp_path / "b").glob("*.safetensors"))
+    assert without.spec.version == with_weights.spec.version  # the same graphs
