@@ -71,7 +71,7 @@ SOURCE_COMMIT = "9065975"
 
 
 def pretrained_checkpoint(model_dir: Path, out: Path) -> Path:
-    """The bundled model's 25-epoch MAE (encoder + decoder) as a `Checkpoint`, its weights read back from the
+    """The 25-epoch MAE (encoder + decoder) of `model_dir` as a `Checkpoint`, its weights read back from the
     fp32 graphs; checked against encoder.onnx's latent on 16 test images."""
     directory = load_model_dir(model_dir)
     if directory.spec.training.epochs != SOURCE_EPOCHS:
