@@ -3,8 +3,10 @@ sockets (asyncio, no HTTP library per request), spread over a few processes pinn
 
 `run_load(url, path, body, content_type, concurrency, seconds)` -> img/s, p50/p95/p99, errors, client CPU.
 Each connection sends its request, reads the whole response (Content-Length) and sends again, so
-`concurrency` requests are in flight at any time. Used by benchmarks/serve_engines.py; runs wherever
-Python does (no `wrk` needed on the GPU host).
+`concurrency` requests are in flight at any time; a connection the server closes or refuses is opened again,
+and each attempt's outcome is kept (`timeline=True` returns them; benchmarks/scale_out.py cuts them by fault).
+Used by benchmarks/serve_engines.py and benchmarks/scale_out.py; runs wherever Python does (no `wrk` needed on
+the GPU host).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -38,47 +41,73 @@ def http_request(url: str, path: str, body: bytes, content_type: str) -> bytes:
     return head.encode() + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    """Read one response; its status code."""
+REFUSED, RESET = -1, -2  # outcomes without an HTTP status: no connection, or the connection closed unanswered
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one response: (its status code, whether the server keeps the connection open)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    length = next((int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:")), 0)
-    await reader.readexactly(length)
-    return status
+    headers = dict(line.lower().split(":", 1) for line in lines[1:] if ":" in line)
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers.get("connection", "").strip() != "close"
 
 
-async def _connection(load: Load, end: float, latencies: list[float], errors: list[int]) -> None:
-    reader, writer = await asyncio.open_connection(load.host, load.port)
-    try:
-        while time.time() < end:
-            sent = time.perf_counter()
+async def _connection(load: Load, end: float, records: list[tuple[float, float, int]]) -> None:
+    """Send, read, send again until `end`, reconnecting when the server closes or refuses (after 10 ms): a
+    record (sent at, seconds, status | REFUSED | RESET) per attempt, so that a server that restarts under the
+    load is measured, not fatal."""
+    writer: asyncio.StreamWriter | None = None
+    while time.time() < end:
+        if writer is None:
+            try:
+                reader, writer = await asyncio.open_connection(load.host, load.port)
+            except OSError:
+                records.append((time.time(), 0.0, REFUSED))
+                await asyncio.sleep(0.01)
+                continue
+        at, sent = time.time(), time.perf_counter()
+        try:
             writer.write(load.request)
-            status = await _read_response(reader)
-            latencies.append(time.perf_counter() - sent)
-            if status != 200:
-                errors.append(status)
-    finally:
+            status, keep_alive = await _read_response(reader)
+        except (OSError, asyncio.IncompleteReadError):
+            status, keep_alive = RESET, False
+        records.append((at, time.perf_counter() - sent, status))
+        if not keep_alive:
+            writer.close()
+            writer = None
+    if writer is not None:
         writer.close()
 
 
-async def _process_main(load: Load) -> tuple[list[float], list[int], float]:
-    """(latencies, error statuses, wall seconds until the last in-flight response came back)."""
-    latencies: list[float] = []
-    errors: list[int] = []
+async def _process_main(load: Load) -> tuple[list[tuple[float, float, int]], float]:
+    """(records, wall seconds until the last in-flight response came back)."""
+    records: list[tuple[float, float, int]] = []
     await asyncio.sleep(max(0.0, load.start - time.time()))
     end = load.start + load.seconds
-    await asyncio.gather(*(_connection(load, end, latencies, errors) for _ in range(load.connections)))
-    return latencies, errors, time.time() - load.start
+    await asyncio.gather(*(_connection(load, end, records) for _ in range(load.connections)))
+    return records, time.time() - load.start
 
 
-def _process(load: Load) -> tuple[list[float], list[int], float, float]:
+def _process(load: Load) -> tuple[list[tuple[float, float, int]], float, float]:
     if load.cores:
         os.sched_setaffinity(0, load.cores)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    latencies, errors, wall = asyncio.run(_process_main(load))
+    records, wall = asyncio.run(_process_main(load))
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return latencies, errors, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return records, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def summarize(records: np.ndarray, wall: float) -> dict[str, float | int]:
+    """Counts and latency percentiles of records [(sent at, seconds, status)] over `wall` seconds."""
+    status = records[:, 2].astype(int) if len(records) else np.zeros(0, int)
+    ok = records[status == 200, 1] if len(records) else np.zeros(0)
+    p50, p95, p99 = (float(np.percentile(ok, q)) * 1000 if len(ok) else float("nan") for q in (50, 95, 99))
+    sent = int((status != REFUSED).sum())
+    return {"wall_s": wall, "requests": sent, "ok": int(len(ok)), "errors": sent - int(len(ok)),
+            "reset": int((status == RESET).sum()), "refused_connects": int((status == REFUSED).sum()),
+            "img_per_s": len(ok) / wall if wall else float("nan"), "p50_ms": p50, "p95_ms": p95, "p99_ms": p99}
 
 
 def client_cores(total: int | None = None) -> tuple[int, ...]:
@@ -89,8 +118,12 @@ def client_cores(total: int | None = None) -> tuple[int, ...]:
 
 
 def run_load(url: str, path: str, body: bytes, content_type: str, concurrency: int, seconds: float,
-             cores: tuple[int, ...] = ()) -> dict[str, float | int]:
-    """`concurrency` connections for `seconds` over one process per core in `cores` (one process when empty)."""
+             cores: tuple[int, ...] = (), *, timeline: bool = False) -> dict[str, Any]:
+    """`concurrency` connections for `seconds` over one process per core in `cores` (one process when empty).
+
+    img/s and the percentiles count the 200s; `errors` every request sent that got no 200. `timeline`: also
+    every record, sorted by send time (`records`: an array of rows (sent at, seconds, status | REFUSED | RESET)).
+    """
     parts = urlsplit(url)
     processes = max(1, min(len(cores), concurrency)) if cores else 1
     start = time.time() + 0.5
@@ -100,10 +133,10 @@ def run_load(url: str, path: str, body: bytes, content_type: str, concurrency: i
              for i in range(processes)]
     with mp.get_context("spawn").Pool(processes) as pool:
         results = pool.map(_process, loads)
-    latencies = np.asarray([x for r in results for x in r[0]])
-    errors = sum(len(r[1]) for r in results)
-    wall = max(r[2] for r in results)
-    p50, p95, p99 = (float(np.percentile(latencies, q)) * 1000 if len(latencies) else float("nan") for q in (50, 95, 99))
-    return {"concurrency": concurrency, "wall_s": wall, "requests": len(latencies), "errors": errors,
-            "img_per_s": len(latencies) / wall, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
-            "client_processes": processes, "client_cpu_pct": 100 * sum(r[3] for r in results) / wall}
+    records = np.asarray([r for result in results for r in result[0]], dtype=float).reshape(-1, 3)
+    wall = max(r[1] for r in results)
+    summary: dict[str, Any] = {"concurrency": concurrency, **summarize(records, wall), "client_processes": processes,
+                               "client_cpu_pct": 100 * sum(r[2] for r in results) / wall}
+    if timeline:
+        summary["records"] = records[np.argsort(records[:, 0])]
+    return summary

@@ -70,6 +70,16 @@ class Metrics(BatchObserver):
         self.ort_runs.labels(graph).inc()
         self.inference_seconds.labels(graph).observe(seconds)
 
+    def request_counts(self) -> dict[str, dict[str, int]]:
+        """This process's requests so far, {route: {status: count}} (the shutdown log line)."""
+        counts: dict[str, dict[str, int]] = {}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if sample.name == "mae_requests_total":
+                    route, status = sample.labels["route"], sample.labels["status"]
+                    counts.setdefault(route, {})[status] = int(sample.value)
+        return counts
+
     def close(self) -> None:
         """At shutdown: with several workers, this process's live gauges leave the sums."""
         if self.multiprocess:

@@ -5,9 +5,13 @@ Knows nothing about queues or HTTP: it takes stacked numpy batches and returns n
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,13 +47,74 @@ def _session_options(intra_op_threads: int, spinning: bool) -> ort.SessionOption
     return options
 
 
+def _wants_cuda(device: str) -> bool:
+    """Whether `device` asks for a CUDA session: cuda and tensorrt, and auto where this build lists CUDA."""
+    return device in ("cuda", "tensorrt") or (device == "auto" and CUDA in ort.get_available_providers())
+
+
 def _provider_list(device: str, precision: str) -> list[Any]:
     """Providers to ask for, best first; `auto` asks for CUDA only when this build lists it."""
     if device == "tensorrt":
         return [(TENSORRT, {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True}), CUDA, CPU]
-    if device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers()):
+    if _wants_cuda(device):
         return [CUDA, CPU]
     return [CPU]
+
+
+CUDA_LIBRARIES = ("libcudart", "libcublas", "libcublasLt", "libcurand", "libcufft", "libnvrtc", "libcudnn")
+
+
+def _loaded_cuda_libraries() -> list[str]:
+    """The CUDA user-space libraries mapped into this process (from /proc/self/maps), by file path."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    paths = {line.split()[-1] for line in maps.splitlines() if "/" in line}
+    return sorted(p for p in paths if Path(p).name.split(".so")[0] in CUDA_LIBRARIES)
+
+
+def preload_cuda() -> list[str]:
+    """Load the CUDA 13 and cuDNN libraries of PyPI's nvidia-* wheels before the first CUDA session
+    (`onnxruntime.preload_dlls`, ORT 1.21+), so that no LD_LIBRARY_PATH or CUDA base image is needed; a library
+    it cannot find is left to the default search path. Returns the CUDA libraries loaded, by path."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        log.info("onnxruntime %s has no preload_dlls: CUDA libraries come from the default search path",
+                 ort.__version__)
+        return _loaded_cuda_libraries()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # it prints what it could not load
+        preload()
+    for line in printed.getvalue().splitlines():
+        if line.strip():
+            log.warning("onnxruntime.preload_dlls: %s", line.strip())
+    loaded = _loaded_cuda_libraries()
+    log.info("CUDA libraries loaded: %s", ", ".join(loaded) or "none")
+    return loaded
+
+
+def _driver_problem() -> str | None:
+    """Why the NVIDIA driver's libcuda.so.1 cannot be loaded, or None when it can."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return f"the NVIDIA driver's libcuda.so.1 cannot be loaded ({e}): no GPU is visible to this process"
+    return None
+
+
+def _device_reason(device: str, got: list[str], cuda_libraries: list[str]) -> str:
+    """Why the sessions run where they run, for /info: the device asked for, and what stood in CUDA's way."""
+    if CUDA in got or TENSORRT in got:
+        return f"MAE_DEVICE={device}: {got[0]}"
+    if device == "cpu":
+        return "MAE_DEVICE=cpu"
+    if CUDA not in ort.get_available_providers():
+        return (f"MAE_DEVICE=auto: this onnxruntime build has no CUDA provider ({', '.join(ort.get_available_providers())}"
+                "; onnxruntime-gpu has one)")
+    problem = _driver_problem() or "the CUDA provider did not load (ONNX Runtime's error is in the log)"
+    missing = "" if cuda_libraries else "; no CUDA user-space library was found either"
+    return f"MAE_DEVICE=auto: {CUDA} is in this build but the sessions did not get it: {problem}{missing}"
 
 
 class Runtime(Engine):
@@ -61,6 +126,7 @@ class Runtime(Engine):
                  intra_op_threads: int = 0, spinning: bool = False, on_run: RunObserver | None = None,
                  lone_threads: int = 0, self_check_policy: str = "fallback"):
         super().__init__(model_dir, on_run)
+        self.cuda_libraries = preload_cuda() if _wants_cuda(device) else []
         if device in ("cuda", "tensorrt"):
             need = CUDA if device == "cuda" else TENSORRT
             if need not in ort.get_available_providers():
@@ -73,6 +139,9 @@ class Runtime(Engine):
         self.self_check = self._self_check(self_check_policy, device, options)
         providers = self.sessions["encoder"].providers
         self.device = "tensorrt" if TENSORRT in providers else "cuda" if CUDA in providers else "cpu"
+        self.device_reason = _device_reason(device, providers, self.cuda_libraries)
+        if self.device == "cpu" and _wants_cuda(device):
+            log.warning("running on the CPU: %s", self.device_reason)
         # A batch that runs alone may take every core (nothing else needs them then): a second session per
         # graph, on a CPU only (GPU sessions do not compute on threads). It spins only with `spinning`: spin
         # tails after short runs took the cores from the next request's HTTP work (small models, 2 clients).
@@ -96,7 +165,9 @@ class Runtime(Engine):
         session = ort.InferenceSession(path, sess_options=options, providers=_provider_list(device, chosen))
         got = session.get_providers()
         if (device == "cuda" and CUDA not in got) or (device == "tensorrt" and TENSORRT not in got):
-            raise RuntimeConfigError(f"{path}: asked for {device} but the session only got {got}")
+            why = _driver_problem() or "ONNX Runtime's error is in the log"
+            raise RuntimeConfigError(f"{path}: asked for {device} but the session only got {got}: {why} "
+                                     "(MAE_DEVICE=auto falls back to the CPU)")
         if device == "auto" and CUDA in ort.get_available_providers() and CUDA not in got:
             log.warning("%s: CUDA is listed but the session did not get it; running on %s", path, got)
         check_session_io(spec, session)
@@ -185,6 +256,8 @@ class Runtime(Engine):
         return {
             "engine": self.name,
             "device": self.device,
+            "device_reason": self.device_reason,
+            "cuda_libraries": self.cuda_libraries,
             "onnxruntime": ort.__version__,
             "lone_batch_threads": self.lone_threads,
             "self_check": self.self_check,

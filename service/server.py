@@ -9,6 +9,7 @@ images are decoded here (`decode_image`) and run through its task's queue (`run`
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -91,6 +92,8 @@ class Server:
             await self.batcher.close()  # uvicorn has already waited for the open requests
             inference_pool.shutdown(wait=True)
             self.decode_pool.shutdown(wait=True)
+            # every request that reached the app, answered or not, by route and status: what a drain is checked on
+            log.info("stopped; requests since start: %s", json.dumps(self.metrics.request_counts()))
             self.metrics.close()
 
     def _warmed_up(self, future: asyncio.Future[None], seconds: float) -> None:
