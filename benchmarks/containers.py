@@ -110,8 +110,10 @@ class Container:
         return done.stdout.strip() or "gone"
 
     def alive(self) -> bool | str:
+        """True unless the container has exited (podman reports a container being started as `stopped` or
+        `configured` for a moment)."""
         state = self.state()
-        return True if state == "running" else f"container {self.name} is {state}:\n{self.logs()[-3000:]}"
+        return True if state not in ("exited", "dead", "gone") else f"container {self.name} is {state}:\n{self.logs()[-3000:]}"
 
     def wait_ready(self, timeout_s: float = 90) -> float:
         return wait_ready(self.url, timeout_s, self.alive)
@@ -152,22 +154,21 @@ class Container:
 def nginx_conf(upstreams: list[str], port: int, prefix: Path) -> str:
     """docker/nginx.conf with `upstreams` (host:port) in place of the `mae` name that Docker's DNS resolves.
 
-    Everything else is the repository's file: the retry rules (another replica on a connect error, a timeout,
-    a 502 or a 503, POSTs included), the body limit, the timeouts and the request-id header. nginx's own temp
-    and pid files go under `prefix`, so that it runs beside a system nginx and as any user.
+    Everything else is the repository's file: the upstream's failure parameters, the retry rules (another
+    replica on a connect error, a timeout, a 502 or a 503, POSTs included), the body limit, the timeouts and the
+    request-id header. nginx's own temp and pid files go under `prefix`, so that it runs beside a system nginx.
     """
     text = NGINX_CONF.read_text()
-    servers = "".join(f"        server {u};\n" for u in upstreams)
-    text, n1 = re.subn(r"^\s*resolver [^;]*;\n", f"    upstream mae_replicas {{\n{servers}    }}\n", text, flags=re.M)
-    text, n2 = re.subn(r"^\s*set \$mae_upstream [^;]*;\n", "", text, flags=re.M)
-    text, n3 = re.subn(r"proxy_pass \$mae_upstream;", "proxy_pass http://mae_replicas;", text)
-    text, n4 = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", text)
-    text, n5 = re.subn(r"access_log /dev/stdout;", "access_log off;", text)
+    text, n1 = re.subn(r"^\s*resolver [^;]*;\n", "", text, flags=re.M)
+    text, n2 = re.subn(r"^(\s*)server mae:8000 resolve([^;]*);\n",
+                       lambda m: "".join(f"{m.group(1)}server {u}{m.group(2)};\n" for u in upstreams), text, flags=re.M)
+    text, n3 = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", text)
+    text, n4 = re.subn(r"access_log /dev/stdout;", "access_log off;", text)
+    text, n5 = re.subn(r"error_log /dev/stderr warn;", f"error_log {prefix}/error.log warn;", text)
     if (n1, n2, n3, n4, n5) != (1, 1, 1, 1, 1):
         raise ValueError(f"{NGINX_CONF} changed shape: update benchmarks/containers.nginx_conf")
     paths = "".join(f"    {d}_temp_path {prefix}/{d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    text = text.replace("http {\n", "http {\n" + paths, 1)
-    return f"pid {prefix}/nginx.pid;\n" + text.replace("error_log /dev/stderr warn;", f"error_log {prefix}/error.log warn;")
+    return f"pid {prefix}/nginx.pid;\n" + text.replace("http {\n", "http {\n" + paths, 1)
 
 
 class Nginx:

@@ -6,7 +6,25 @@ service_helpers.py: server processes on free ports, sample images, metrics parsi
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "service"))
+
+
+def build_image(variant: str) -> str:
+    """`make image` (cpu) or `make image-gpu`: docker/podman_build.py; the image's name."""
+    done = subprocess.run([sys.executable, str(ROOT / "docker" / "podman_build.py"), variant], capture_output=True,
+                          text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return f"mae-serve:{variant}"
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> str:
+    """The CPU image, built once per run (podman's layer cache makes a rebuild of unchanged sources quick)."""
+    return build_image("cpu")

@@ -14,8 +14,6 @@ import base64
 import io
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +21,9 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+from conftest import build_image
 from PIL import Image
-from service_helpers import ROOT, SAMPLES, server_process
+from service_helpers import SAMPLES, server_process
 
 from benchmarks.containers import Container, podman, podman_problem
 from benchmarks.loadgen import REFUSED, RESET, run_load
@@ -34,19 +33,6 @@ PROBLEM = podman_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=f"no containers here: {PROBLEM}")
 
 IMAGES = [(SAMPLES / f"{name}.png").read_bytes() for name in ("sneaker", "bag", "coat")]
-
-
-def build(variant: str) -> str:
-    tag = f"mae-serve:{variant}"
-    done = subprocess.run([sys.executable, str(ROOT / "docker" / "podman_build.py"), variant], capture_output=True,
-                          text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return tag
-
-
-@pytest.fixture(scope="module")
-def cpu_image() -> str:
-    return build("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +139,7 @@ def test_sigterm_under_load_answers_every_request_the_server_accepted(cpu_image:
 
 @pytest.mark.slow
 def test_gpu_image_links_cuda_from_wheels_and_falls_back_to_cpu_with_a_reason() -> None:
-    image = build("gpu")
+    image = build_image("gpu")
     site = "/opt/venv/lib/python3.11/site-packages"
     ldd = podman("run", "--rm", "--entrypoint", "sh", image, "-c",
                  f"LD_LIBRARY_PATH=$(ls -d {site}/nvidia/*/lib | paste -sd:) "
