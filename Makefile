@@ -5,10 +5,13 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
-APT_PACKAGES := dataset-fashion-mnist chromium wrk
+# podman builds and runs the images (runc: crun refuses this sandbox's cgroups), mmdebstrap makes their base
+# (no registry), nginx balances the replicas of the scale-out test
+IMAGE_APT_PACKAGES := podman mmdebstrap runc nginx
+APT_PACKAGES := dataset-fashion-mnist chromium wrk $(IMAGE_APT_PACKAGES)
 TORCH  := torch==2.13.0
 
-.PHONY: serve test test-slow bench lint system-deps default-model clean
+.PHONY: serve test test-slow test-images bench lint system-deps image-deps image image-gpu default-model clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,12 +28,32 @@ $(VENV)/.test-installed: pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[cpu,train,torch,dev]'
 	touch $@ $(VENV)/.serve-installed
 
-# Debian packages the tests use (real data, a real browser), installed when running as root with apt.
-system-deps:
-	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null && command -v wrk >/dev/null; then exit 0; fi; \
+# Debian packages, installed when running as root with apt; without them their tests skip and say why.
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
-	else echo "note: install $(APT_PACKAGES) for the data and browser tests (they skip without them)"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "note: install $$missing (apt) for the tests that need them (they skip without them)"; fi
+endef
+
+# What the tests use: real data, a real browser, wrk, and podman, mmdebstrap, runc and nginx for the images.
+system-deps:
+	$(call apt_install,$(APT_PACKAGES))
+
+image-deps:
+	$(call apt_install,$(IMAGE_APT_PACKAGES))
+
+# The images, with podman, from a Debian base made by mmdebstrap (no registry; docker/podman_build.py).
+image: image-deps
+	python3 docker/podman_build.py cpu
+
+image-gpu: image-deps
+	python3 docker/podman_build.py gpu
+
+# Every image test, the GPU image's (about 1.6 GB of CUDA wheels, ~80 s to build here) included.
+test-images: $(VENV)/.test-installed image-deps
+	$(PY) -m pytest -q -m 'slow or not slow' tests/deploy
 
 serve: $(VENV)/.serve-installed
 	$(VENV)/bin/mae-serve --host $(HOST) --port $(PORT)

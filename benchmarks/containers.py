@@ -13,6 +13,7 @@ not supported"), so runc with the cgroupfs manager; raising rlimits is refused, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -40,6 +41,14 @@ def ulimit_flags() -> list[str]:
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     nproc = min(4096, resource.getrlimit(resource.RLIMIT_NPROC)[0])
     return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
+
+
+def containers_conf() -> str:
+    """The same choices as a containers.conf (CONTAINERS_CONF), for tools that call podman themselves
+    (podman-compose): runc with cgroupfs, the current rlimits as the containers' defaults."""
+    ulimits = ulimit_flags()[1::2]
+    return (f"[containers]\ndefault_ulimits = {json.dumps(ulimits)}\n"
+            '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n')
 
 
 def podman(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:

@@ -13,19 +13,24 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from conftest import build_image
 from PIL import Image
-from service_helpers import SAMPLES, server_process
+from service_helpers import ROOT, SAMPLES, server_process
 
-from benchmarks.containers import Container, podman, podman_problem
+from benchmarks.containers import Container, containers_conf, free_port, podman, podman_problem, wait_ready
 from benchmarks.loadgen import REFUSED, RESET, run_load
 from service.settings import BUNDLED_MODEL_DIR
 
@@ -135,6 +140,36 @@ def test_sigterm_under_load_answers_every_request_the_server_accepted(cpu_image:
     assert counts.get("/classify", {}).get("200", 0) == answered, (counts, answered)
     assert set(counts.get("/classify", {})) == {"200"}, counts
     assert answered > 100
+
+
+def test_compose_cpu_profile_comes_up_with_podman_compose(cpu_image: str, tmp_path: Path) -> None:
+    """docker-compose.yml's `cpu` profile brought up for real by podman-compose (the image built above; its
+    settings, entrypoint, mounts and health check as compose gives them)."""
+    compose = shutil.which("podman-compose") or str(Path(sys.executable).parent / "podman-compose")
+    if not Path(compose).exists():
+        pytest.skip("podman-compose not installed (the dev extra has it)")
+    conf, models = tmp_path / "containers.conf", tmp_path / "models"
+    conf.write_text(containers_conf())
+    models.mkdir()
+    port = free_port()
+    env = {**os.environ, "CONTAINERS_CONF": str(conf), "MAE_PUBLISHED_PORT": str(port),
+           "MAE_MODELS_HOST_DIR": str(models)}
+    project = ["-p", "maetestcompose", "--profile", "cpu"]
+    up = subprocess.run([compose, *project, "up", "-d", "mae-cpu"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout_s=90)
+        files = [("image", ("x.png", IMAGES[2], "image/png"))]
+        top = httpx.post(f"{url}/classify", files=files, timeout=30).json()["data"][0]["predictions"][0]
+        assert top["label"] == "Coat"
+        # compose passes every setting as ${MAE_X:-}; the server started, so the entrypoint dropped the empty ones
+        # (an empty MAE_MAX_QUEUE would not parse), and it runs on the CPU as the cpu profile says
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        assert info["runtime"]["device"] == "cpu" and info["runtime"]["device_reason"] == "MAE_DEVICE=cpu"
+    finally:
+        subprocess.run([compose, *project, "down"], cwd=ROOT, env=env, capture_output=True, timeout=300)
 
 
 @pytest.mark.slow
