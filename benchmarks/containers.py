@@ -174,7 +174,7 @@ def nginx_conf(upstreams: list[str], port: int, prefix: Path) -> str:
     text, n3 = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", text)
     text, n4 = re.subn(r"access_log /dev/stdout;", "access_log off;", text)
     text, n5 = re.subn(r"error_log /dev/stderr warn;", f"error_log {prefix}/error.log warn;", text)
-    if (n1, n2, n3, n4, n5) != (1, 1, 1, 1, 1):
+    if (n1, n2, n3, n4, n5) != (1, 2, 1, 1, 1):
         raise ValueError(f"{NGINX_CONF} changed shape: update benchmarks/containers.nginx_conf")
     paths = "".join(f"    {d}_temp_path {prefix}/{d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"pid {prefix}/nginx.pid;\n" + text.replace("http {\n", "http {\n" + paths, 1)

@@ -107,7 +107,8 @@ def summarize(records: np.ndarray, wall: float) -> dict[str, float | int]:
     sent = int((status != REFUSED).sum())
     return {"wall_s": wall, "requests": sent, "ok": int(len(ok)), "errors": sent - int(len(ok)),
             "reset": int((status == RESET).sum()), "refused_connects": int((status == REFUSED).sum()),
-            "img_per_s": len(ok) / wall if wall else float("nan"), "p50_ms": p50, "p95_ms": p95, "p99_ms": p99}
+            "img_per_s": len(ok) / wall if wall else float("nan"), "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+            "max_ms": float(ok.max()) * 1000 if len(ok) else float("nan")}
 
 
 def client_cores(total: int | None = None) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import re
+import signal
 import statistics
 import sys
 import threading
@@ -114,6 +115,21 @@ def kill_one(replicas: list[Container], lead_s: float):
     return fault
 
 
+def stall_one(replicas: list[Container], lead_s: float, stall_s: float):
+    """SIGSTOP one replica for `stall_s`, then SIGCONT: a process that hangs without dying (its sockets still
+    accept connections: the kernel completes the handshakes)."""
+    def fault(timeline: Timeline) -> None:
+        victim = replicas[0]
+        time.sleep(lead_s)
+        fault.in_flight_at_stall = in_flight(victim.url)  # type: ignore[attr-defined]
+        timeline.mark("stall")
+        victim.kill(signal.SIGSTOP)
+        time.sleep(stall_s)
+        victim.kill(signal.SIGCONT)
+        timeline.mark("resumed")
+    return fault
+
+
 def rolling(replicas: list[Container], lead_s: float, grace_s: int):
     def fault(timeline: Timeline) -> None:
         time.sleep(lead_s)
@@ -160,10 +176,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result, timeline = under_load(many.url, args.concurrency, args.fault_seconds, fault)
         roll = report(result, timeline, "rolling", "rolled", steps=fault.steps)
         print(f"rolling: {roll['requests']} sent, {roll['ok']} answered 200, {roll['errors']} failed", file=sys.stderr)
+
+        fault = stall_one(replicas, args.lead_seconds, args.stall_seconds)
+        result, timeline = under_load(many.url, args.concurrency, args.fault_seconds, fault)
+        stall = report(result, timeline, "stall", "resumed", in_flight_at_stall=fault.in_flight_at_stall)
+        print(f"stall: {stall['requests']} sent, {stall['ok']} answered 200, {stall['errors']} failed", file=sys.stderr)
         nginx_errors = many.error_log()
     return {"replicas": args.replicas, "concurrency": args.concurrency, "image": args.image,
             "throughput": throughput, "throughput_ratio_n_over_1": ratio, "rounds": rounds, "kill": kill,
-            "rolling": roll, "nginx_error_log_lines": len(nginx_errors.splitlines()),
+            "rolling": roll, "stall": stall, "nginx_error_log_lines": len(nginx_errors.splitlines()),
             "machine": {"cpu": cpu_model(), "cores": len(__import__("os").sched_getaffinity(0)),
                         "python": platform.python_version()}}
 
@@ -175,10 +196,11 @@ def cpu_model() -> str:
 
 
 def table(r: dict[str, Any]) -> str:
-    lines = ["| phase | sent | 200 | failed | p50 ms | p99 ms | fault window | p99 ms in window |", "|---|---|---|---|---|---|---|---|"]
-    for name in ("kill", "rolling"):
+    lines = ["| phase | sent | 200 | failed | p50 ms | p99 ms | max ms | fault window | p99 ms in window |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in ("kill", "rolling", "stall"):
         x, w = r[name], r[name]["fault_window"]
-        lines.append(f"| {name} | {x['requests']} | {x['ok']} | {x['errors']} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
+        lines.append(f"| {name} | {x['requests']} | {x['ok']} | {x['errors']} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['max_ms']:.0f} | "
                      f"{w['from_s']:.1f}-{w['to_s']:.1f} s ({w['requests']} sent, {w['errors']} failed) | "
                      f"{w['p99_ms']:.1f} |")
     t = r["throughput"]
@@ -199,6 +221,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fault-seconds", type=float, default=60.0, help="load duration of each fault phase")
     parser.add_argument("--lead-seconds", type=float, default=5.0, help="steady load before the fault")
     parser.add_argument("--grace-seconds", type=int, default=40, help="podman stop's grace before SIGKILL")
+    parser.add_argument("--stall-seconds", type=float, default=20.0, help="how long the stalled replica is stopped")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale_out.json")
     return parser.parse_args(argv)
 

@@ -1,6 +1,7 @@
 """Build the images with podman from a Debian base made by mmdebstrap, no registry: `make image`, `make image-gpu`.
 
     python3 docker/podman_build.py cpu|gpu [--tag mae-serve:cpu] [--base localhost/mae-base:bookworm] [--rebuild-base]
+                                   [-- more podman build arguments, e.g. --build-arg EXTRAS=gpu,torch]
 
 1. The base: `mmdebstrap --variant=minbase` of Debian 12 with Python 3.11, venv and pip (about 250 MB, 20 s),
    imported once as BASE (skipped when podman already has it; --rebuild-base makes it again).
@@ -10,6 +11,7 @@
 3. This machine's pip configuration (the files `pip config debug` finds, and the certificate bundle, constraint
    files and local indexes they name) is mounted read-only for the build, never copied: pip inside the build
    reaches the same package index the host does, and the image carries none of it.
+4. The untagged images a rebuild leaves behind are pruned (`podman image prune`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def build(variant: str, tag: str, base: str, extra: list[str]) -> None:
     size = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", tag], capture_output=True,
                           text=True, check=True).stdout.strip()
     log(f"built {tag} in {time.monotonic() - start:.0f} s: {int(size) / 1e6:.0f} MB")
+    # each rebuild leaves the previous image and its stages untagged (the GPU one ~3 GB): drop them
+    subprocess.run(["podman", "image", "prune", "--force"], stdout=subprocess.DEVNULL, check=False)
 
 
 def main() -> None:
@@ -86,8 +90,10 @@ def main() -> None:
     parser.add_argument("--base", default=os.environ.get("MAE_BASE_IMAGE", BASE_IMAGE), help="base image name")
     parser.add_argument("--suite", default=BASE_SUITE, help="Debian suite of the base")
     parser.add_argument("--rebuild-base", action="store_true", help="make the base again even if podman has it")
-    parser.add_argument("podman_args", nargs="*", help="more `podman build` arguments (after --)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.podman_args = argv[cut + 1:]  # more `podman build` arguments, after --
     try:
         if args.rebuild_base or not image_exists(args.base):
             build_base(args.base, args.suite)

@@ -2,8 +2,8 @@
 
 The fault phases of benchmarks/scale_out.py at a test's size (16 connections): a rolling restart (each replica
 SIGTERMed, started again, ready, in turn) loses no request; a SIGKILLed replica costs at most the requests it
-held at that moment (nginx retries those on another replica, so usually none). The figures at concurrency 64
-are the benchmark's (docs/deployment.md).
+held at that moment (nginx retries those on another replica, so usually none); a stalled one delays requests
+and loses none. The figures at concurrency 64 are the benchmark's (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -55,3 +55,16 @@ def test_sigkill_of_a_replica_fails_at_most_the_requests_inside_it(cluster: tupl
           f"{phase['in_flight_at_kill']} were in the killed replica; it was back in {fault.ready_s:.1f} s")
     assert phase["fault_window"]["ok"] > 0
     assert phase["errors"] <= phase["in_flight_at_kill"], phase
+
+
+def test_a_stalled_replica_delays_requests_but_loses_none(cluster: tuple[list[Container], Nginx]) -> None:
+    """SIGSTOP one replica for 5 s (it still accepts connections, answers nothing): the requests nginx gave it
+    wait until it resumes (shorter than proxy_read_timeout, so nginx does not give up on them), none fails."""
+    replicas, lb = cluster
+    fault = scale_out.stall_one(replicas, lead_s=2.0, stall_s=5.0)
+    result, timeline = scale_out.under_load(lb.url, CONCURRENCY, 15.0, fault)
+    phase = scale_out.report(result, timeline, "stall", "resumed", in_flight_at_stall=fault.in_flight_at_stall)
+    print(f"\nstall: {phase['requests']} sent, {phase['ok']} answered 200, {phase['errors']} failed; slowest "
+          f"{phase['max_ms']:.0f} ms, p99 in the stall {phase['fault_window']['p99_ms']:.0f} ms")
+    assert phase["max_ms"] > 4000, "no request waited for the stalled replica: the stall did not happen"
+    assert phase["errors"] == 0, phase
