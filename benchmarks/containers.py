@@ -160,12 +160,13 @@ class Container:
         self.remove()
 
 
-def nginx_conf(upstreams: list[str], port: int, prefix: Path) -> str:
+def nginx_conf(upstreams: list[str], port: int, prefix: Path, read_timeout_s: int | None = None) -> str:
     """docker/nginx.conf with `upstreams` (host:port) in place of the `mae` name that Docker's DNS resolves.
 
     Everything else is the repository's file: the upstream's failure parameters, the retry rules (another
     replica on a connect error, a timeout, a 502 or a 503, POSTs included), the body limit, the timeouts and the
-    request-id header. nginx's own temp and pid files go under `prefix`, so that it runs beside a system nginx.
+    request-id header (`read_timeout_s` replaces proxy_read_timeout). nginx's own temp and pid files go under
+    `prefix`, so that it runs beside a system nginx.
     """
     text = NGINX_CONF.read_text()
     text, n1 = re.subn(r"^\s*resolver [^;]*;\n", "", text, flags=re.M)
@@ -174,7 +175,9 @@ def nginx_conf(upstreams: list[str], port: int, prefix: Path) -> str:
     text, n3 = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", text)
     text, n4 = re.subn(r"access_log /dev/stdout;", "access_log off;", text)
     text, n5 = re.subn(r"error_log /dev/stderr warn;", f"error_log {prefix}/error.log warn;", text)
-    if (n1, n2, n3, n4, n5) != (1, 2, 1, 1, 1):
+    text, n6 = re.subn(r"proxy_read_timeout \d+s;", f"proxy_read_timeout {read_timeout_s}s;" if read_timeout_s
+                       else r"\g<0>", text)
+    if (n1, n2, n3, n4, n5, n6) != (1, 2, 1, 1, 1, 1):
         raise ValueError(f"{NGINX_CONF} changed shape: update benchmarks/containers.nginx_conf")
     paths = "".join(f"    {d}_temp_path {prefix}/{d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"pid {prefix}/nginx.pid;\n" + text.replace("http {\n", "http {\n" + paths, 1)
@@ -183,8 +186,8 @@ def nginx_conf(upstreams: list[str], port: int, prefix: Path) -> str:
 class Nginx:
     """Debian's nginx in the foreground on 127.0.0.1:`port`, balancing over `upstreams`."""
 
-    def __init__(self, upstreams: list[str], port: int | None = None):
-        self.upstreams, self.port = upstreams, port or free_port()
+    def __init__(self, upstreams: list[str], port: int | None = None, read_timeout_s: int | None = None):
+        self.upstreams, self.port, self.read_timeout_s = upstreams, port or free_port(), read_timeout_s
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = Path(tempfile.mkdtemp(prefix="mae-nginx-"))
         self.prefix.chmod(0o755)  # nginx's workers (nobody, under a root master) create their temp files here
@@ -193,7 +196,7 @@ class Nginx:
     def __enter__(self) -> Nginx:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         conf = self.prefix / "nginx.conf"
-        conf.write_text(nginx_conf(self.upstreams, self.port, self.prefix))
+        conf.write_text(nginx_conf(self.upstreams, self.port, self.prefix, self.read_timeout_s))
         subprocess.run([nginx, "-t", "-q", "-c", str(conf), "-p", str(self.prefix)], check=True, capture_output=True)
         self.proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(self.prefix), "-g", "daemon off;"])
         deadline = time.monotonic() + 10

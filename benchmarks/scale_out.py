@@ -1,13 +1,16 @@
 """Replicas of the CPU image behind nginx, under steady load, through faults: what a client sees.
 
-Three containers of mae-serve:cpu (`make image`), hardened as in production, behind Debian's nginx with the
-location block of docker/nginx.conf (another replica on a connect error, a timeout, a 502 or a 503). Load: the
+Three containers of mae-serve:cpu (`make image`), hardened as in production, behind Debian's nginx running
+docker/nginx.conf over their ports (its retries on a connect error, a timeout, a 502 or a 503). Load: the
 closed-loop generator of benchmarks/loadgen.py, `--concurrency` keep-alive connections to nginx, /classify
 with one 28x28 PNG. Phases:
   throughput  nginx over 1 replica vs over all of them, interleaved over `--rounds` rounds (medians);
   kill        one replica SIGKILLed mid-load (its in-flight requests counted from its /metrics just before),
               then started again (an orchestrator's restart) and back in rotation once ready;
-  rolling     every replica in turn: SIGTERM (`podman stop`, drain), start, wait for readiness: a rolling update.
+  rolling     every replica in turn: SIGTERM (`podman stop`, drain), start, wait for readiness: a rolling update;
+  stall       one replica SIGSTOPped for `--stall-seconds`, then SIGCONT (a hung process that still accepts
+              connections), behind docker/nginx.conf and again behind an nginx whose proxy_read_timeout is
+              `--short-read-timeout`.
 For each fault: requests sent, answered 200, failed (any other status or a connection closed unanswered), and
 p50/p99 of the 200s over the whole phase and inside the fault window. Writes --out as JSON, prints a table.
 
@@ -181,10 +184,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result, timeline = under_load(many.url, args.concurrency, args.fault_seconds, fault)
         stall = report(result, timeline, "stall", "resumed", in_flight_at_stall=fault.in_flight_at_stall)
         print(f"stall: {stall['requests']} sent, {stall['ok']} answered 200, {stall['errors']} failed", file=sys.stderr)
+
+        # the same stall behind an nginx that gives up on a silent replica sooner (proxy_read_timeout)
+        short = stack.enter_context(Nginx([f"127.0.0.1:{r.port}" for r in replicas],
+                                          read_timeout_s=args.short_read_timeout))
+        fault = stall_one(replicas, args.lead_seconds, args.stall_seconds)
+        result, timeline = under_load(short.url, args.concurrency, args.fault_seconds, fault)
+        stall_short = report(result, timeline, "stall", "resumed", in_flight_at_stall=fault.in_flight_at_stall,
+                             proxy_read_timeout_s=args.short_read_timeout)
+        print(f"stall, proxy_read_timeout {args.short_read_timeout} s: {stall_short['requests']} sent, "
+              f"{stall_short['ok']} answered 200, {stall_short['errors']} failed", file=sys.stderr)
         nginx_errors = many.error_log()
     return {"replicas": args.replicas, "concurrency": args.concurrency, "image": args.image,
             "throughput": throughput, "throughput_ratio_n_over_1": ratio, "rounds": rounds, "kill": kill,
-            "rolling": roll, "stall": stall, "nginx_error_log_lines": len(nginx_errors.splitlines()),
+            "rolling": roll, "stall": stall, "stall_short_read_timeout": stall_short, "nginx_error_log_lines": len(nginx_errors.splitlines()),
             "machine": {"cpu": cpu_model(), "cores": len(__import__("os").sched_getaffinity(0)),
                         "python": platform.python_version()}}
 
@@ -198,7 +211,7 @@ def cpu_model() -> str:
 def table(r: dict[str, Any]) -> str:
     lines = ["| phase | sent | 200 | failed | p50 ms | p99 ms | max ms | fault window | p99 ms in window |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name in ("kill", "rolling", "stall"):
+    for name in ("kill", "rolling", "stall", "stall_short_read_timeout"):
         x, w = r[name], r[name]["fault_window"]
         lines.append(f"| {name} | {x['requests']} | {x['ok']} | {x['errors']} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['max_ms']:.0f} | "
                      f"{w['from_s']:.1f}-{w['to_s']:.1f} s ({w['requests']} sent, {w['errors']} failed) | "
@@ -222,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lead-seconds", type=float, default=5.0, help="steady load before the fault")
     parser.add_argument("--grace-seconds", type=int, default=40, help="podman stop's grace before SIGKILL")
     parser.add_argument("--stall-seconds", type=float, default=20.0, help="how long the stalled replica is stopped")
+    parser.add_argument("--short-read-timeout", type=int, default=5,
+                        help="proxy_read_timeout (s) of the second stall phase (docker/nginx.conf: 60)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale_out.json")
     return parser.parse_args(argv)
 

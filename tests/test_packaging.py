@@ -1,8 +1,8 @@
 """Packaging and deployment, checked statically: pyproject, Dockerfiles, docker-compose.yml, .dockerignore.
 
-No Docker engine runs where these tests run, so the images are never built here: the files are
-parsed and their contracts checked (the GPU image installs the `gpu` extra and never torch, both
-run as a non-root user with a HEALTHCHECK on /health/ready, ...). `docker compose config` is run
+The files are parsed and their contracts checked (the GPU image installs the `gpu` extra and never
+torch, both run as a non-root user with a HEALTHCHECK on /health/ready, ...), also where no container
+can run; tests/deploy/ builds and runs the images with podman where it can. `docker compose config` is run
 when a compose CLI is present (it needs no daemon). The slow test installs the package with the
 `cpu` extra into a clean virtualenv and checks that the server imports without torch.
 """
