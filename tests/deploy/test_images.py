@@ -30,7 +30,15 @@ from conftest import build_image
 from PIL import Image
 from service_helpers import ROOT, SAMPLES, server_process
 
-from benchmarks.containers import Container, containers_conf, free_port, podman, podman_problem, wait_ready
+from benchmarks.containers import (
+    Container,
+    containers_conf,
+    free_port,
+    podman,
+    podman_problem,
+    ulimit_flags,
+    wait_ready,
+)
 from benchmarks.loadgen import REFUSED, RESET, run_load
 from service.settings import BUNDLED_MODEL_DIR
 
@@ -176,13 +184,13 @@ def test_compose_cpu_profile_comes_up_with_podman_compose(cpu_image: str, tmp_pa
 def test_gpu_image_links_cuda_from_wheels_and_falls_back_to_cpu_with_a_reason() -> None:
     image = build_image("gpu")
     site = "/opt/venv/lib/python3.11/site-packages"
-    ldd = podman("run", "--rm", "--entrypoint", "sh", image, "-c",
+    ldd = podman("run", "--rm", *ulimit_flags(), "--entrypoint", "sh", image, "-c",
                  f"LD_LIBRARY_PATH=$(ls -d {site}/nvidia/*/lib | paste -sd:) "
                  f"ldd {site}/onnxruntime/capi/libonnxruntime_providers_cuda.so").stdout
     missing = re.findall(r"^\s*(\S+) => not found", ldd, re.M)
     assert missing == ["libcuda.so.1"], ldd
     assert re.search(r"libcublasLt\.so\.13 => \S+/nvidia/cu13/lib/", ldd), ldd
-    providers = podman("run", "--rm", "--entrypoint", "python", image, "-c",
+    providers = podman("run", "--rm", *ulimit_flags(), "--entrypoint", "python", image, "-c",
                        "import onnxruntime as o; print(o.get_available_providers())").stdout
     assert "CUDAExecutionProvider" in providers, providers
     with Container(image, "mae-test-gpu-auto", env={"MAE_DEVICE": "auto"}) as c:
