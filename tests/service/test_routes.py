@@ -468,9 +468,16 @@ def test_auto_device_uses_cuda_only_when_the_session_gets_it(tiny_model_dir: Pat
 
     runtime = Runtime(load_model_dir(tiny_model_dir), device="auto")
     assert runtime.device == "cpu"
-    assert runtime.describe()["graphs"]["encoder"]["providers"] == ["CPUExecutionProvider"]
-    with pytest.raises(RuntimeConfigError, match="only got"):
+    described = runtime.describe()
+    assert described["graphs"]["encoder"]["providers"] == ["CPUExecutionProvider"]
+    # /info says why: no driver here (the GPU image test sees the same reason with the CUDA wheels loaded)
+    assert described["device_reason"].startswith("MAE_DEVICE=auto: CUDAExecutionProvider is in this build but the "
+                                                 "sessions did not get it: the NVIDIA driver's libcuda.so.1 cannot "
+                                                 "be loaded"), described["device_reason"]
+    assert described["cuda_libraries"] == [] and "no CUDA user-space library" in described["device_reason"]
+    with pytest.raises(RuntimeConfigError, match=r"only got .*libcuda\.so\.1 cannot be loaded.*MAE_DEVICE=auto"):
         Runtime(load_model_dir(tiny_model_dir), device="cuda")
+    assert Runtime(load_model_dir(tiny_model_dir), device="cpu").describe()["device_reason"] == "MAE_DEVICE=cpu"
 
 
 def test_demo_page_and_samples_are_served(client: TestClient) -> None:
