@@ -40,6 +40,7 @@ from benchmarks.containers import (
     wait_ready,
 )
 from benchmarks.loadgen import REFUSED, RESET, run_load
+from benchmarks.scale_out import classify_body
 from service.settings import BUNDLED_MODEL_DIR
 
 PROBLEM = podman_problem()
@@ -123,12 +124,10 @@ def test_sigterm_under_load_answers_every_request_the_server_accepted(cpu_image:
     accepting (requests it never read)."""
     with Container(cpu_image, "mae-test-sigterm") as c:
         c.wait_ready()
-        boundary = "maetestboundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-                f"Content-Type: image/png\r\n\r\n").encode() + IMAGES[0] + f"\r\n--{boundary}--\r\n".encode()
+        body, content_type = classify_body()
         result: dict = {}
         load = threading.Thread(target=lambda: result.update(run_load(
-            c.url, "/classify", body, f"multipart/form-data; boundary={boundary}", 32, 7.0, timeline=True)))
+            c.url, "/classify", body, content_type, 32, 7.0, timeline=True)))
         load.start()
         time.sleep(3.5)
         in_flight = float(re.search(r"^mae_requests_in_flight (\S+)$",
