@@ -19,9 +19,54 @@ def _split_list(value: object) -> object:
     return value
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_dirs(controller: str, root: Path, proc_cgroup: Path) -> list[Path]:
+    """Where this process's cgroup files for `controller` may be: its own cgroup's folder (from
+    /proc/self/cgroup, cgroup v1 controller lines or the v2 line), then the mount's root (a container sees its own
+    cgroup there)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    dirs = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            dirs += [root / name / path.lstrip("/") for name in (controller, "cpu,cpuacct")]
+        elif controllers == "":  # cgroup v2
+            dirs.append(root / path.lstrip("/"))
+    return dirs + [root / controller, root / "cpu,cpuacct", root]
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Whole cores this process's cgroup CPU quota allows (at least 1), or None without a quota: cgroup v2
+    `cpu.max` ("150000 100000"; "max" for none), v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1 for none).
+    A container under a quota (`--cpus`, a Kubernetes cpu limit) still sees every core of the host in its
+    affinity mask; threads sized from that mask would oversubscribe the quota."""
+    for folder in _cgroup_dirs("cpu", root, proc_cgroup):
+        try:
+            if (folder / "cpu.max").is_file():
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+            elif (folder / "cpu.cfs_quota_us").is_file():
+                quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+                period = (folder / "cpu.cfs_period_us").read_text().strip()
+            else:
+                continue
+        except (OSError, ValueError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        return max(1, int(quota) // int(period))
+    return None
+
+
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use: its affinity mask (where the OS has one), capped by its cgroup's CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    return min(cores, quota) if quota else cores
 
 
 class Settings(BaseSettings):

@@ -114,6 +114,18 @@ def test_cpu_image_answers_as_the_bare_process(container: Container, bare: str) 
             assert np.abs(pixels(a["images"][key]) - pixels(b["images"][key])).max() <= 1, key
 
 
+def test_a_cpu_quota_sizes_the_threads_inside_the_container(cpu_image: str) -> None:
+    """`--cpus 1` (a Kubernetes cpu limit of 1): the container still sees both cores in its affinity mask, and the
+    server sizes its ONNX Runtime threads from the quota: one per call and no second, all-core session for lone
+    batches (from the mask alone it would open one with 2 threads)."""
+    with Container(cpu_image, "mae-test-quota", extra=["--cpus", "1"]) as c:
+        c.wait_ready()
+        info = httpx.get(f"{c.url}/info", timeout=10).json()
+        assert c.exec("nproc").stdout.strip() == "2"
+    assert info["batching"]["ort_threads_per_call"] == 1
+    assert info["runtime"]["lone_batch_threads"] == 0
+
+
 STOPPED = re.compile(r"stopped; requests since start: (\{.*\})")
 
 

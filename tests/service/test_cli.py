@@ -32,6 +32,7 @@ def test_every_design_setting_is_an_env_variable_and_a_flag(monkeypatch: pytest.
 
 def test_ort_threads_per_call_share_out_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("service.settings.cpu_quota", lambda: None)
     assert Settings(inference_threads=2).ort_threads_per_call() == 4
     assert Settings(inference_threads=1).ort_threads_per_call() == 8
     assert Settings(inference_threads=16).ort_threads_per_call() == 1
@@ -40,3 +41,35 @@ def test_ort_threads_per_call_share_out_the_usable_cores(monkeypatch: pytest.Mon
     assert Settings(inference_threads=2).lone_batch_threads() == 8
     assert Settings(inference_threads=1).lone_batch_threads() == 0
     assert Settings(inference_threads=2, lone_batch_all_cores=False).lone_batch_threads() == 0
+
+
+@pytest.mark.parametrize("layout", ["v1 own cgroup", "v1 container root", "v2 own cgroup", "v2 container root"])
+def test_a_cgroup_cpu_quota_caps_the_usable_cores(layout: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container limited to 2.5 CPUs on an 8-core host: 2 cores, whichever way the cgroup files are laid out."""
+    from service.settings import cpu_quota
+
+    proc = tmp_path / "cgroup"
+    version, where = layout.split(" ", 1)
+    if version == "v1":
+        proc.write_text("4:memory:/pod/c1\n1:cpu,cpuacct:/pod/c1\n0::/\n")
+        folder = tmp_path / "cpu,cpuacct" / ("pod/c1" if where == "own cgroup" else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cpu.cfs_quota_us").write_text("250000\n")
+        (folder / "cpu.cfs_period_us").write_text("100000\n")
+        unlimited = lambda: (folder / "cpu.cfs_quota_us").write_text("-1\n")  # noqa: E731
+    else:
+        proc.write_text("0::/pod/c1\n")
+        folder = tmp_path / ("pod/c1" if where == "own cgroup" else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cpu.max").write_text("250000 100000\n")
+        unlimited = lambda: (folder / "cpu.max").write_text("max 100000\n")  # noqa: E731
+    assert cpu_quota(tmp_path, proc) == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("service.settings.cpu_quota", lambda: cpu_quota(tmp_path, proc))
+    assert Settings(inference_threads=2).ort_threads_per_call() == 1  # 2 cores shared by 2 inference threads
+    assert Settings(inference_threads=2).lone_batch_threads() == 2
+    unlimited()
+    assert cpu_quota(tmp_path, proc) is None
+    assert Settings(inference_threads=2).ort_threads_per_call() == 4
+    assert cpu_quota(tmp_path / "nothing-here", tmp_path / "no-proc-file") is None
