@@ -9,8 +9,9 @@ import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from service.errors import InvalidBody, InvalidImage, InvalidOption, PayloadTooLarge, UnsupportedMediaType
@@ -53,18 +54,31 @@ async def read_json_object(request: Request, example: str) -> dict[str, Any]:
     return body
 
 
+async def _read_form(request: Request, content_type: str, *, max_images: int, max_body_bytes: int) -> FormData:
+    """The form body, its files kept in memory: the body is bounded by max_body_bytes and each image is read into
+    memory next anyway, while Starlette's spooling of parts over 1 MB to a temporary file made a full /tmp (a
+    read-only container's small tmpfs, a pod's emptyDir) a 500, and a busy one a pod eviction."""
+    limits = dict(max_files=max_images, max_fields=max_images + 64, max_part_size=max_body_bytes)
+    try:
+        if content_type != "multipart/form-data":
+            return await request.form(**limits)
+        parser = MultiPartParser(request.headers, request.stream(), **limits)
+        parser.spool_max_size = max_body_bytes
+        return await parser.parse()
+    except (HTTPException, MultiPartException) as e:
+        detail = str(getattr(e, "detail", None) or getattr(e, "message", e))
+        if "Too many files" in detail:
+            raise PayloadTooLarge(f"more than {max_images} image files in one request") from e
+        raise InvalidBody(f"malformed form body: {detail}") from e
+
+
 async def read_request(request: Request, *, max_images: int, max_body_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
     """(image bytes in order, raw options) from a multipart, url-encoded or JSON request plus its query."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     images: list[bytes | str] = []
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            form = await request.form(max_files=max_images, max_fields=max_images + 64, max_part_size=max_body_bytes)
-        except HTTPException as e:
-            if "Too many files" in str(e.detail):
-                raise PayloadTooLarge(f"more than {max_images} image files in one request") from e
-            raise InvalidBody(f"malformed form body: {e.detail}") from e
+        form = await _read_form(request, content_type, max_images=max_images, max_body_bytes=max_body_bytes)
         for key, value in form.multi_items():
             if key in IMAGE_FIELDS:
                 images.append(await value.read() if isinstance(value, UploadFile) else value)

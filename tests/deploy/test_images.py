@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from conftest import build_image
 from PIL import Image
-from service_helpers import ROOT, SAMPLES, server_process
+from service_helpers import ROOT, SAMPLES, encode, server_process
 
 from benchmarks.containers import (
     Container,
@@ -51,7 +51,8 @@ IMAGES = [(SAMPLES / f"{name}.png").read_bytes() for name in ("sneaker", "bag", 
 
 @pytest.fixture(scope="module")
 def container(cpu_image: str) -> Iterator[Container]:
-    with Container(cpu_image, "mae-test-cpu") as c:
+    # a 1 MB /tmp: the server needs no disk (uploads stay in memory), so a full one costs nothing
+    with Container(cpu_image, "mae-test-cpu", extra=["--tmpfs", "/tmp:rw,size=1m"]) as c:
         c.wait_ready()
         yield c
 
@@ -93,6 +94,16 @@ def test_cpu_image_runs_hardened_as_uid_10001_and_reports_healthy(container: Con
     assert httpx.get(f"{container.url}/health/ready", timeout=5).json() == {"status": "ready"}
     # the image carries none of this machine's pip configuration (it was mounted for the build only)
     assert container.exec("ls", "/etc/xdg/pip/pip.conf", "/root/.config/pip/pip.conf").returncode != 0
+
+
+def test_cpu_image_takes_uploads_larger_than_its_tmp(container: Container) -> None:
+    """A 3 MB PNG into a container whose /tmp holds 1 MB: a 200 (it was a 500, "No space left on device", while
+    Starlette spooled parts over 1 MB to /tmp)."""
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    big = encode(Image.fromarray(noise), "PNG")
+    assert len(big) > 2 * 1024 * 1024
+    r = httpx.post(f"{container.url}/embed", files=[("image", ("big.png", big, "image/png"))], timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_cpu_image_answers_as_the_bare_process(container: Container, bare: str) -> None:

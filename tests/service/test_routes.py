@@ -456,6 +456,21 @@ def test_a_batch_that_runs_alone_uses_the_all_core_sessions_with_the_same_result
     assert Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=2, lone_threads=2).lone_sessions == {}
 
 
+def test_uploads_over_the_spool_size_need_no_temporary_files(client: TestClient, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3 MB multipart image (Starlette spools parts over 1 MB to a temporary file) is answered with no usable
+    temporary directory at all, as in a container whose small /tmp is full: the parts stay in memory."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    big = encode(Image.fromarray(noise), "PNG")
+    assert len(big) > 2 * 1024 * 1024
+    r = client.post("/embed", files=files(big, sample_png()))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 2
+
+
 def test_auto_device_uses_cuda_only_when_the_session_gets_it(tiny_model_dir: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """With CUDA listed but unusable (the one mock allowed: this CPU build pretends to have it), auto stays on CPU."""
