@@ -109,8 +109,9 @@ class BatchQueue:
         self.reserved = 0  # items promised by callers that are still preparing them
         self.closed = False
         self._wakeup = asyncio.Event()
-        self._batch_seconds = 0.0  # moving average, for Retry-After
+        self._batch_seconds = 0.0  # moving average, for Retry-After and the liveness check
         self._running: set[asyncio.Task[None]] = set()
+        self._started: dict[int, float] = {}  # the running batches' start times (monotonic), by id
         self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher:{name}")
 
     # -- callers ---------------------------------------------------------------------------------------
@@ -212,8 +213,9 @@ class BatchQueue:
 
     async def _run(self, batch: list[_Item]) -> None:
         """One batch in the executor; its results (or its error) go to its items' futures. Frees the slot."""
+        start = time.monotonic()
+        self._started[id(batch)] = start
         try:
-            start = time.monotonic()
             for item in batch:
                 item.running = True
                 item.queue_s = start - item.enqueued
@@ -236,7 +238,19 @@ class BatchQueue:
                 if not item.future.done():
                     item.future.set_result(result)
         finally:
+            del self._started[id(batch)]
             self.slots.release()
+
+    def overrunning(self, now: float, min_s: float, factor: float) -> str | None:
+        """The oldest running batch, when it has run longer than `min_s` and than `factor` times this queue's
+        average batch: what it looks like when the engine is wedged (None otherwise)."""
+        if not self._started:
+            return None
+        age, limit = now - min(self._started.values()), max(min_s, factor * self._batch_seconds)
+        if age <= limit:
+            return None
+        return (f"a batch of the {self.name} queue has run for {age:.1f} s (limit {limit:.1f} s: {factor:g} times "
+                f"its average batch of {self._batch_seconds:.3f} s, at least {min_s:g} s)")
 
     async def close(self) -> None:
         """Take no new reservations, finish everything accepted, then stop the worker."""
@@ -293,6 +307,11 @@ class Batcher:
                                           max_batch_size=self.max_batch_size, max_delay_s=self.max_delay_s,
                                           max_queue=self.max_queue, observer=self.observer, slots=self.slots)
         return self.queues[key]
+
+    def wedged(self, min_s: float, factor: float) -> str | None:
+        """Why inference looks wedged (a batch far past its expected time, see BatchQueue.overrunning), or None."""
+        now = time.monotonic()
+        return next((why for q in list(self.queues.values()) if (why := q.overrunning(now, min_s, factor))), None)
 
     async def close(self) -> None:
         self.closed = True

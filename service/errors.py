@@ -61,6 +61,10 @@ class NotReady(ServiceError):
     status, type = 503, "not_ready"
 
 
+class Wedged(ServiceError):
+    status, type = 503, "wedged"
+
+
 class DeadlineExceeded(ServiceError):
     status, type = 504, "deadline_exceeded"
 

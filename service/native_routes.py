@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
 from service import __version__, oip_routes
-from service.errors import NotReady, error_response
+from service.errors import NotReady, Wedged, error_response
 from service.inputs import parse_options, read_request
 from service.responses import JSONResponse
 from service.schemas import (
@@ -122,9 +122,14 @@ async def info(request: Request) -> dict[str, Any]:
     }
 
 
-@open_router.get("/health/live")
-async def live() -> dict[str, str]:
-    return {"status": "live"}
+@open_router.get("/health/live", responses={503: {"model": ErrorResponse}})
+async def live(request: Request) -> Response:
+    """200 while the process serves; 503 when inference is wedged (a batch far past its expected time), so that
+    a liveness probe restarts it."""
+    problem = _server(request).liveness_problem()
+    if problem:
+        return error_response(503, Wedged.type, problem)
+    return JSONResponse({"status": "live"})
 
 
 @open_router.get("/health/ready", responses={503: {"model": ErrorResponse}})

@@ -147,9 +147,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": OIPError} for code in codes}
 
 
-@health_router.get(PREFIX + "/health/live", response_model=Live)
-async def live() -> dict[str, bool]:
-    return {"live": True}
+@health_router.get(PREFIX + "/health/live", response_model=Live, responses={503: {"model": Live}})
+async def live(request: Request) -> Response:
+    is_live = request.app.state.server.liveness_problem() is None  # as /health/live
+    return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
 
 @health_router.get(PREFIX + "/health/ready", response_model=Ready, responses={503: {"model": Ready}})

@@ -40,6 +40,7 @@ log = logging.getLogger("service")
 
 INLINE_DECODE_MAX_BYTES = 16 * 1024  # Server.decode_image: images decoded on the event loop, not in the pool
 INLINE_DECODE_MAX_PIXELS = 128 * 128
+WEDGED_FACTOR = 20  # Server.liveness_problem: a batch this many times its queue's average is not merely slow
 
 
 def _checked(step: Callable[..., Any], index: int, *args: Any) -> Any:
@@ -104,6 +105,12 @@ class Server:
         self.ready = True
         log.info("warm-up done in %.2f s; providers in use: %s", seconds,
                  {g: d["providers"] for g, d in self.engine.describe()["graphs"].items()})
+
+    def liveness_problem(self) -> str | None:
+        """Why this process is not alive in the sense a liveness probe means (inference wedged), or None."""
+        if self.batcher is None:
+            return None
+        return self.batcher.wedged(self.settings.liveness_batch_timeout_s, WEDGED_FACTOR)
 
     def queue(self, key: QueueKey, run_batch: RunBatch) -> BatchQueue:
         """The batcher queue for `key` (created on first use; its metrics label is the key's graphs)."""

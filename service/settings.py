@@ -134,6 +134,9 @@ class Settings(BaseSettings):
         False, description="FastAPI's native OpenTelemetry spans, metrics and logs through the globally configured "
         "providers (FastAPI 0.165+); off: only the Prometheus metrics, and no provider check on every request")
     graceful_shutdown_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted requests")
+    liveness_batch_timeout_s: float = Field(
+        60.0, gt=0, description="/health/live answers 503 while a batch has run longer than this and than 20 times "
+        "its queue's average batch: the engine is wedged and the process should be restarted")
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
 

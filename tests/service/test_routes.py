@@ -456,6 +456,48 @@ def test_a_batch_that_runs_alone_uses_the_all_core_sessions_with_the_same_result
     assert Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=2, lone_threads=2).lone_sessions == {}
 
 
+def test_liveness_fails_while_the_engine_is_wedged_and_recovers(tiny_model_dir: Path) -> None:
+    """An encoder call that never returns (the engine stuck, as a hung driver or a deadlock would leave it): once
+    the batch has run past MAE_LIVENESS_BATCH_TIMEOUT_S (and 20 times the queue's average), /health/live and
+    /v2/health/live answer 503 and say which queue; when the call returns, they are 200 again and the request
+    gets its answer."""
+    import threading
+    import time
+
+    with make_client(tiny_model_dir, liveness_batch_timeout_s=0.5) as client:
+        assert client.post("/embed", files=files(sample_png())).status_code == 200  # an average batch time
+        server = client.app.state.server
+        engine_encode, release = server.engine.encode, threading.Event()
+
+        def stuck(*args, **kwargs):
+            release.wait(30)
+            return engine_encode(*args, **kwargs)
+
+        server.engine.encode = stuck
+        answers: list[int] = []
+        request = threading.Thread(target=lambda: answers.append(
+            client.post("/embed", files=files(sample_png())).status_code))
+        request.start()
+        try:
+            assert client.get("/health/live").status_code == 200  # running, not yet overdue
+            deadline = time.monotonic() + 10
+            while (live := client.get("/health/live")).status_code == 200:
+                assert time.monotonic() < deadline, "the stuck batch never made /health/live fail"
+                time.sleep(0.05)
+            assert live.status_code == 503
+            error = live.json()["error"]
+            assert error["type"] == "wedged" and "encoder queue has run for" in error["message"], error
+            oip = client.get("/v2/health/live")
+            assert oip.status_code == 503 and oip.json() == {"live": False}
+            assert client.get("/health/ready").status_code == 200  # readiness is another question
+        finally:
+            release.set()
+            request.join(30)
+        assert answers == [200]
+        assert client.get("/health/live").json() == {"status": "live"}
+        assert client.get("/v2/health/live").json() == {"live": True}
+
+
 def test_uploads_over_the_spool_size_need_no_temporary_files(client: TestClient, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A 3 MB multipart image (Starlette spools parts over 1 MB to a temporary file) is answered with no usable
