@@ -243,7 +243,11 @@ class BatchQueue:
 
     def overrunning(self, now: float, min_s: float, factor: float) -> str | None:
         """The oldest running batch, when it has run longer than `min_s` and than `factor` times this queue's
-        average batch: what it looks like when the engine is wedged (None otherwise)."""
+        average batch: what it looks like when the engine is wedged; or a worker that died while the queue was
+        open (nothing would ever run again). None otherwise."""
+        if self._task.done() and not self.closed:
+            error = None if self._task.cancelled() else self._task.exception()
+            return f"the {self.name} queue's worker has stopped ({error!r})"
         if not self._started:
             return None
         age, limit = now - min(self._started.values()), max(min_s, factor * self._batch_seconds)
@@ -256,7 +260,7 @@ class BatchQueue:
         """Take no new reservations, finish everything accepted, then stop the worker."""
         self.closed = True
         self._wakeup.set()
-        await self._task
+        await asyncio.wait([self._task])  # a worker that died (the liveness check reports it) does not stop the rest
         await asyncio.gather(*self._running)
 
 

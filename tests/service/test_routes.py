@@ -498,6 +498,26 @@ def test_liveness_fails_while_the_engine_is_wedged_and_recovers(tiny_model_dir: 
         assert client.get("/v2/health/live").json() == {"live": True}
 
 
+def test_liveness_fails_when_a_queue_worker_dies(tiny_model_dir: Path) -> None:
+    """A batcher worker that stopped (the "engine thread dead" case: its queue would never run a batch again)
+    makes /health/live a 503 that names the queue."""
+    with make_client(tiny_model_dir) as client:
+        assert client.post("/embed", files=files(sample_png())).status_code == 200
+        assert client.get("/health/live").status_code == 200
+        queue = next(iter(client.app.state.server.batcher.queues.values()))
+        client.portal.call(_cancel, queue._task)
+        live = client.get("/health/live")
+        assert live.status_code == 503 and "worker has stopped" in live.json()["error"]["message"], live.text
+        assert client.get("/v2/health/live").status_code == 503
+
+
+async def _cancel(task) -> None:
+    import asyncio
+
+    task.cancel()
+    await asyncio.wait([task])  # done, cancelled, without raising here
+
+
 def test_uploads_over_the_spool_size_need_no_temporary_files(client: TestClient, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A 3 MB multipart image (Starlette spools parts over 1 MB to a temporary file) is answered with no usable
