@@ -39,7 +39,8 @@ class QueueFull(Exception):
 
 
 class DeadlineExpired(Exception):
-    """The item's deadline passed before its batch ran; it was not computed."""
+    """The item's deadline passed before its batch ran, or its batch could not have finished by the time the
+    client gave; it was not computed."""
 
 
 class QueueClosed(Exception):
@@ -56,7 +57,10 @@ class BatchObserver:
         """Items waiting in `queue` changed by `delta`."""
 
     def expired(self, queue: str, count: int) -> None:
-        """`count` items were dropped before compute because their deadline passed."""
+        """`count` items were dropped before compute because their deadline passed (or would have)."""
+
+    def cancelled(self, queue: str, count: int) -> None:
+        """`count` items were removed before compute because their request was cancelled (its client left)."""
 
 
 @dataclass
@@ -71,8 +75,9 @@ class BatchTiming:
 @dataclass(eq=False)
 class _Item:
     payload: Any
-    deadline: float  # time.monotonic()
+    deadline: float  # time.monotonic(): compute must have started by then
     future: asyncio.Future[Any]
+    finish_by: float = math.inf  # the client's own deadline: a batch that cannot end by then is not started
     enqueued: float = 0.0
     running: bool = False
     queue_s: float = 0.0
@@ -110,6 +115,7 @@ class BatchQueue:
         self.closed = False
         self._wakeup = asyncio.Event()
         self._batch_seconds = 0.0  # moving average, for Retry-After and the liveness check
+        self._seconds_by_size: dict[int, float] = {}  # moving average by batch size: will a batch end in time?
         self._running: set[asyncio.Task[None]] = set()
         self._started: dict[int, float] = {}  # the running batches' start times (monotonic), by id
         self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher:{name}")
@@ -131,19 +137,24 @@ class BatchQueue:
         batches = (self.reserved + len(self.pending)) / self.max_batch_size
         return max(1, math.ceil(batches * self._batch_seconds))
 
-    async def _submit(self, payloads: Sequence[Any], deadline: float, timing: BatchTiming) -> list[Any]:
+    async def _submit(self, payloads: Sequence[Any], deadline: float, timing: BatchTiming,
+                      finish_by: float = math.inf) -> list[Any]:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        if deadline <= now:
+        if min(deadline, finish_by) <= now:
             raise DeadlineExpired("the request's deadline passed before it was queued")
-        items = [_Item(payload=p, deadline=deadline, future=loop.create_future(), enqueued=now) for p in payloads]
+        items = [_Item(payload=p, deadline=deadline, future=loop.create_future(), enqueued=now, finish_by=finish_by)
+                 for p in payloads]
         self.pending.extend(items)
         self.observer.depth(self.name, len(items))
         self._wakeup.set()
         # one deadline timer per request (wait_for over a shielded gather cost three times as much)
-        timer = loop.call_later(deadline - now, self._expire, items)
+        timer = loop.call_later(min(deadline, finish_by) - now, self._expire, items)
         try:
             results = [await items[0].future] if len(items) == 1 else await asyncio.gather(*(i.future for i in items))
+        except asyncio.CancelledError:  # the request was cancelled (its client left): what has not started never will
+            self.observer.cancelled(self.name, len(self._drop(items, None)))
+            raise
         finally:
             timer.cancel()
         timing.queue_s = max(timing.queue_s, max(i.queue_s for i in items))
@@ -154,14 +165,23 @@ class BatchQueue:
     def _expire(self, items: list[_Item]) -> None:
         """A request's deadline: the items not yet running are dropped, and fail it at once; when every
         item already runs, the answer is on its way and the request waits for it."""
-        waiting = [i for i in items if not i.running and not i.future.done()]
-        for item in waiting:  # a failed future also keeps it out of a batch that is still forming
-            item.future.set_exception(DeadlineExpired("the request's deadline passed while it waited in the queue"))
+        dropped = self._drop(items, DeadlineExpired("the request's deadline passed while it waited in the queue"))
+        if dropped:
+            self.observer.expired(self.name, len(dropped))
+
+    def _drop(self, items: list[_Item], error: Exception | None) -> list[_Item]:
+        """Take the items that are not running out of the queue, failing them with `error` (None: they were
+        cancelled); a failed or cancelled future also keeps an item out of a batch that is still forming."""
+        dropped = [i for i in items if not i.running and (not i.future.done() or (error is None and i.future.cancelled()))]
+        for item in dropped:
+            if error is None:
+                item.future.cancel()
+            elif not item.future.done():
+                item.future.set_exception(error)
             if item in self.pending:
                 self.pending.remove(item)
                 self.observer.depth(self.name, -1)
-        if waiting:
-            self.observer.expired(self.name, len(waiting))
+        return dropped
 
     # -- worker ----------------------------------------------------------------------------------------
 
@@ -203,13 +223,27 @@ class BatchQueue:
                     except TimeoutError:
                         break
                     self._take(batch, time.monotonic(), limit)
-            batch = [i for i in batch if not i.future.done()]  # expired or cancelled while the batch formed
+            batch = self._in_time(batch)
             if not batch:
                 self.slots.release()
                 continue
             task = loop.create_task(self._run(batch), name=f"batch:{self.name}")
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _in_time(self, batch: list[_Item]) -> list[_Item]:
+        """The formed batch less its items that expired or were cancelled while it formed, and less those whose
+        client deadline falls before the batch could end (by the average of batches this size): computing them
+        would take the cores from requests that can still be answered."""
+        batch = [i for i in batch if not i.future.done()]
+        ends = time.monotonic() + self._seconds_by_size.get(len(batch), self._batch_seconds)
+        late = [i for i in batch if i.finish_by < ends]
+        if not late:
+            return batch
+        for item in late:
+            item.future.set_exception(DeadlineExpired("its batch could not have finished by the request's deadline"))
+        self.observer.expired(self.name, len(late))
+        return [i for i in batch if not i.future.done()]
 
     async def _run(self, batch: list[_Item]) -> None:
         """One batch in the executor; its results (or its error) go to its items' futures. Frees the slot."""
@@ -232,7 +266,8 @@ class BatchQueue:
                         item.future.set_exception(e)
                 return
             elapsed = time.monotonic() - start
-            self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
+            self._batch_seconds = moving_average(self._batch_seconds, elapsed)
+            self._seconds_by_size[len(batch)] = moving_average(self._seconds_by_size.get(len(batch), 0.0), elapsed)
             for item, result in zip(batch, results, strict=True):
                 item.compute_s = elapsed
                 if not item.future.done():
@@ -264,6 +299,11 @@ class BatchQueue:
         await asyncio.gather(*self._running)
 
 
+def moving_average(average: float, sample: float, weight: float = 0.2) -> float:
+    """An exponential moving average, `sample` taken with `weight` (an average of 0: no sample yet)."""
+    return sample if not average else (1 - weight) * average + weight * sample
+
+
 class Reservation:
     """Room held in a queue for a request's items while the caller prepares them."""
 
@@ -276,12 +316,15 @@ class Reservation:
             self.queue.reserved -= self.count
             self.queue._wakeup.set()  # a batch waiting for these items should stop waiting
 
-    async def submit(self, payloads: Sequence[Any], deadline: float, timing: BatchTiming) -> list[Any]:
-        """Queue the prepared payloads and wait for their results (DeadlineExpired when too late)."""
+    async def submit(self, payloads: Sequence[Any], deadline: float, timing: BatchTiming,
+                     finish_by: float = math.inf) -> list[Any]:
+        """Queue the prepared payloads and wait for their results (DeadlineExpired when too late): compute must
+        start by `deadline` and, by the queue's average batch, be able to end by `finish_by`. Cancelling the
+        caller takes its items that have not started out of the queue."""
         if len(payloads) != self.count:
             raise ValueError(f"reserved {self.count} items, submitted {len(payloads)}")
         self.release()  # and enqueue in the same step of the event loop: the worker sees both at once
-        return await self.queue._submit(payloads, deadline, timing)
+        return await self.queue._submit(payloads, deadline, timing, finish_by)
 
     def __enter__(self) -> Reservation:
         return self

@@ -21,6 +21,10 @@ class InvalidBody(ServiceError):
     status, type = 400, "invalid_body"
 
 
+class InvalidHeader(ServiceError):
+    status, type = 400, "invalid_header"
+
+
 class InvalidImage(ServiceError):
     status, type = 400, "invalid_image"
 

@@ -39,8 +39,12 @@ class Metrics(BatchObserver):
         self.images = Counter("mae_images", "images processed by route", ["route"], registry=r)
         self.rejections = Counter("mae_rejections", "requests refused, by reason (the error type)", ["reason"],
                                   registry=r)
-        self.dropped = Counter("mae_dropped_images", "images dropped before compute: deadline passed in the queue",
-                               ["queue"], registry=r)
+        self.dropped = Counter("mae_dropped_images", "images dropped before compute: their deadline passed, or "
+                               "would have before their batch ended", ["queue"], registry=r)
+        self.cancelled_images = Counter("mae_cancelled_images", "images taken out of a queue before compute: "
+                                        "their client disconnected", ["queue"], registry=r)
+        self.admission_waiting = Gauge("mae_admission_waiting", "inference requests waiting to be admitted (their "
+                                       "bodies not yet read)", registry=r, multiprocess_mode="livesum")
         self.queue_seconds = Histogram("mae_queue_duration_seconds", "time an image waited for its batch",
                                        ["queue"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("mae_batch_size", "images per batch", ["queue"], buckets=_BATCH_BUCKETS,
@@ -64,6 +68,9 @@ class Metrics(BatchObserver):
 
     def expired(self, queue: str, count: int) -> None:
         self.dropped.labels(queue).inc(count)
+
+    def cancelled(self, queue: str, count: int) -> None:
+        self.cancelled_images.labels(queue).inc(count)
 
     # Runtime observer
     def ort_run(self, graph: str, batch: int, seconds: float) -> None:

@@ -142,7 +142,7 @@ class Server:
 
     async def run(self, request: Request, task: Task, job: Job, images: list[ImageSource]) -> tuple[list[Any], list[Any]]:
         """Reserve queue room, decode the images, run their payloads through the job's queue: (payloads, results)."""
-        deadline = request.state.t0 + self.settings.request_timeout_s
+        deadline, finish_by = request.state.deadline, request.state.finish_by  # set by the middleware
         timing = BatchTiming()
         request.state.timing = timing
         queue = self.queue(job.key, task.runner(job))
@@ -150,7 +150,7 @@ class Server:
             with queue.reserve(len(images)) as reservation:
                 decoded = await asyncio.gather(*(self._model_image(image, i) for i, image in enumerate(images)))
                 payloads = [job.payload(image) for image in decoded]
-                results = await reservation.submit(payloads, deadline, timing)
+                results = await reservation.submit(payloads, deadline, timing, finish_by)
         except QueueFull as e:
             raise Overloaded(f"{e}; retry later", status=self.settings.queue_full_status,
                              retry_after_s=e.retry_after_s) from e

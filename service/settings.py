@@ -106,8 +106,14 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(
         2.0, ge=0, description="how long a batch that already has company waits to fill; a lone request never waits")
     max_queue: int = Field(256, ge=1, description="images waiting per queue before requests are refused")
-    queue_full_status: Literal[429, 503] = Field(503, description="status when a queue is full (with Retry-After)")
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival to the start of compute (504)")
+    max_waiting: int = Field(
+        1024, ge=0, description="inference requests beyond MAE_MAX_QUEUE admitted ones wait, bodies unread and "
+        "first come first served, up to this many; past it they are refused at once (0: refuse at once, no wait)")
+    queue_full_status: Literal[429, 503] = Field(
+        503, description="status when the wait list or a queue is full (with Retry-After)")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="deadline from arrival to the start of compute (504); a request's X-Request-Timeout "
+        "header (seconds to its answer) can only shorten it")
     inference_threads: int = Field(
         2, ge=1, description="batches that run at once, one ONNX Runtime call each: while one runs, the next "
         "one forms and starts on the cores it leaves (1: one call at a time on every core)")

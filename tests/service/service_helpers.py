@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +18,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -41,6 +45,24 @@ def make_client(model_dir: Path, **overrides: Any) -> Iterator[TestClient]:
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client)
         yield client
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
+    """uvicorn serving `app` on a real socket, in a thread of this process (so that a test can reach into the
+    app's server state): yields (base URL, the server's event loop) once ready."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, lambda: thread.is_alive() or "the server thread stopped")
+        yield url, loop
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def free_port() -> int:

@@ -31,14 +31,16 @@ def embed(client: httpx.AsyncClient, data: bytes) -> Any:
     return client.post("/embed", files=[("image", ("x.png", data, "image/png"))])
 
 
-def test_full_queue_is_refused_at_once_and_accepted_requests_succeed(tiny_model_dir: Path) -> None:
+def test_past_the_wait_list_requests_are_refused_at_once_and_accepted_requests_succeed(tiny_model_dir: Path) -> None:
+    """2 admitted (MAE_MAX_QUEUE) and 4 waiting: of 24 at once, at least 6 are served and the others refused."""
+
     async def scenario(status: int) -> None:
-        async with async_client(tiny_model_dir, max_queue=2, max_batch_size=2, max_batch_delay_ms=50,
+        async with async_client(tiny_model_dir, max_queue=2, max_waiting=4, max_batch_size=2, max_batch_delay_ms=50,
                                 queue_full_status=status) as client:
             responses = await asyncio.gather(*(embed(client, sample_png()) for _ in range(24)))
             codes = [r.status_code for r in responses]
             refused = [r for r in responses if r.status_code == status]
-            assert refused and codes.count(200) >= 2 and codes.count(200) + len(refused) == 24, codes
+            assert refused and codes.count(200) >= 6 and codes.count(200) + len(refused) == 24, codes
             for r in refused:
                 assert r.json()["error"]["type"] == "overloaded"
                 assert int(r.headers["retry-after"]) >= 1
@@ -48,6 +50,16 @@ def test_full_queue_is_refused_at_once_and_accepted_requests_succeed(tiny_model_
 
     asyncio.run(scenario(503))
     asyncio.run(scenario(429))
+
+
+def test_requests_past_the_limit_wait_their_turn_instead_of_being_refused(tiny_model_dir: Path) -> None:
+    async def scenario() -> None:
+        async with async_client(tiny_model_dir, max_queue=2, max_batch_size=2) as client:
+            responses = await asyncio.gather(*(embed(client, sample_png()) for _ in range(24)))
+            assert [r.status_code for r in responses] == [200] * 24
+            assert metric((await client.get("/metrics")).text, "mae_admission_waiting") == 0
+
+    asyncio.run(scenario())
 
 
 def test_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(tiny_model_dir: Path) -> None:

@@ -18,9 +18,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
-from service_helpers import ROOT, free_port, metric, sample_png, wait_until_ready
+from service_helpers import ROOT, live_server, metric, sample_png
 
 from service.app import create_app
 from service.client import (
@@ -78,16 +77,8 @@ class Live:
 def live(tiny_model_dir: Path) -> Iterator[Live]:
     """max 2 images per request (so that 5 images take 3 requests) and a queue of 2."""
     app = create_app(Settings(model_dir=tiny_model_dir, api_keys=[KEY], max_images_per_request=2, max_queue=2))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(url)
-    yield Live(url, app.state.server, loop)
-    server.should_exit = True
-    thread.join(30)
+    with live_server(app) as (url, loop):
+        yield Live(url, app.state.server, loop)
 
 
 def test_every_method_with_every_image_kind(live: Live, tmp_path: Path) -> None:
