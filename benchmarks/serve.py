@@ -212,11 +212,14 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 class Server:
     """`python -m service` in its own process on a free port, or (`plain`) benchmarks/plain_server.py."""
 
-    def __init__(self, model_dir: Path, *flags: str, plain: bool = False):
+    def __init__(self, model_dir: Path, *flags: str, plain: bool = False, root: Path = ROOT,
+                 env: dict[str, str] | None = None):
+        """`root`: the checkout whose code runs (another commit's `git worktree`, for a before/after); `env`: more
+        environment (MAE_* settings)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.plain = plain  # no /metrics: nothing to drain or to count batches in
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
         if plain:
             cmd = [sys.executable, "-m", "uvicorn", "benchmarks.plain_server:app", "--port", str(self.port),
                    "--log-level", "warning"]
@@ -224,7 +227,7 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(self.port),
                    "--log-level", "warning", *flags]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env)
         deadline = time.monotonic() + 300
         while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:

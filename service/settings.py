@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         2.0, ge=0, description="how long a batch that already has company waits to fill; a lone request never waits")
     max_queue: int = Field(256, ge=1, description="images waiting per queue before requests are refused")
     max_waiting: int = Field(
-        1024, ge=0, description="inference requests beyond MAE_MAX_QUEUE admitted ones wait, bodies unread and "
+        256, ge=0, description="inference requests beyond MAE_MAX_QUEUE admitted ones wait, bodies unread and "
         "first come first served, up to this many; past it they are refused at once (0: refuse at once, no wait)")
     queue_full_status: Literal[429, 503] = Field(
         503, description="status when the wait list or a queue is full (with Retry-After)")
