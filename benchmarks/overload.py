@@ -27,7 +27,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +105,7 @@ def main() -> None:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {v: {} for v in roots}
     servers = {v: Server(root / "service" / "default_model", root=root) for v, root in roots.items()}
     try:
-        for v, server in servers.items():  # warm: sessions, allocator, the first batches
+        for server in servers.values():  # warm: sessions, allocator, the first batches
             run_load(server.url, "/embed", body, "application/json", 64, 2.0, cores)
         for r in range(args.rounds):
             capacity = {}

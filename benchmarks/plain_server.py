@@ -1,9 +1,10 @@
-"""For scale in `benchmarks/serve.py --plain`: the /embed endpoint one writes by hand with FastAPI.
+"""For scale in `benchmarks/serve.py --plain`: the bare /embed endpoint one writes by hand with FastAPI.
 
-One synchronous route (FastAPI runs it in its thread pool) that decodes the upload and makes one ONNX
-Runtime call per request on a session with the default thread settings, and returns the pooled
-embedding as a list of floats through FastAPI's default JSON response. No batching, no queue, no
-limits. Preprocessing is the service's own (`service.imaging`), so both do the same decode work.
+One `async` route that reads the upload, decodes it and makes one ONNX Runtime call inline, on the event
+loop, on a session with the default thread settings (every core, spinning), and returns the pooled
+embedding as a list of floats through FastAPI's default JSON response. No batching, no queue, no limits,
+no thread hand-over: for a lone request, the least a Python server can do. Preprocessing is the service's
+own (`service.imaging`), so both do the same decode work.
 
     MAE_MODEL_DIR=service/default_model .venv/bin/python -m uvicorn benchmarks.plain_server:app --port 8001
 """
@@ -33,7 +34,7 @@ def ready() -> dict[str, bool]:
 
 
 @app.post("/embed")
-def embed(image: UploadFile = File(...)) -> dict[str, list[float]]:
-    pixels = load_model_image(image.file.read(), spec.preprocessing, 40_000_000).pixels[None]
+async def embed(image: UploadFile = File(...)) -> dict[str, list[float]]:
+    pixels = load_model_image(await image.read(), spec.preprocessing, 40_000_000).pixels[None]
     latent = session.run(None, {"pixels": pixels, "ids_keep": ids_keep})[0][0]
     return {"embedding": np.concatenate([latent[0], latent[1:].mean(0)]).tolist()}

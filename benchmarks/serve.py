@@ -390,6 +390,9 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
     if 1 in args.concurrency:
         per_round["p50_c1_batched_over_naive"] = [r["runs"]["batched"][1]["p50_ms"] / r["runs"]["naive"][1]["p50_ms"]
                                                   for r in rounds]
+        if "plain" in servers:
+            per_round["p50_c1_batched_over_plain"] = [
+                r["runs"]["batched"][1]["p50_ms"] / r["runs"]["plain"][1]["p50_ms"] for r in rounds]
     raw["img_per_s_rounds"] = [r["raw_img_per_s"] for r in rounds]
     raw["img_per_s_median"] = statistics.median(raw["img_per_s_rounds"])
     return {"model": label, "model_dir": str(model_dir), "precision": precision, "device": device,
