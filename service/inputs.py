@@ -1,4 +1,8 @@
-"""Reading a request: image bytes from multipart files or JSON base64 / data URIs, options from body and query."""
+"""Reading a request: image bytes from multipart files or JSON base64 / data URIs, options from body and query.
+
+`image_bytes` and `check_image_count` are the one reading of images and the one count check of every
+protocol (native, OpenAI-style, Open Inference Protocol): the same text is the same image, or the same
+error, whichever route it came to."""
 
 from __future__ import annotations
 
@@ -18,18 +22,36 @@ from service.errors import InvalidBody, InvalidImage, InvalidOption, PayloadTooL
 
 IMAGE_FIELDS = ("image", "images")
 _DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n]+$")  # bare base64, maybe wrapped in lines; a space makes it text
 _WHITESPACE = re.compile(r"\s+")
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
-def decode_base64_image(text: str, index: int) -> bytes:
-    """A base64 string or `data:<type>;base64,` URI -> bytes (400 when it is not base64)."""
-    match = _DATA_URI.match(text)
+def image_bytes(value: str | bytes, index: int) -> bytes:
+    """One image of a request, in any protocol -> the bytes of its file.
+
+    Text (a JSON string, a form field, a tensor element): a `data:<type>;base64,` URI or bare base64 (400
+    when it is not valid base64); a URL or any other text is a 422 that says what to send. Bytes (a
+    multipart file, a binary tensor element): the file itself, unless it is such text."""
+    if isinstance(value, bytes):
+        if not value.isascii() or not (_BASE64.match(value.decode("ascii")) or value[:5].lower() == b"data:"):
+            return value
+        value = value.decode("ascii")
+    match = _DATA_URI.match(value)
     if match:
-        text = text[match.end():]
-    elif text.startswith("data:"):
+        text = _WHITESPACE.sub("", value[match.end():])
+    elif value[:5].lower() == "data:":
         raise InvalidImage(f"image {index}: data URIs must be base64 (data:<type>;base64,<data>)")
+    elif value.startswith(("http://", "https://")):
+        raise InvalidOption(f"image {index}: URLs are not fetched; send the image as a data URI or base64")
+    elif not value.strip():
+        raise InvalidImage(f"image {index}: empty")
+    elif _BASE64.match(value):
+        text = value
+    else:
+        raise InvalidOption(f"image {index} is text, not an image: this model embeds images only; send a data URI "
+                            "(data:image/png;base64,...) or the base64 of an image file")
     try:
         data = base64.b64decode(_WHITESPACE.sub("", text), validate=True)
     except (binascii.Error, ValueError) as e:
@@ -37,6 +59,14 @@ def decode_base64_image(text: str, index: int) -> bytes:
     if not data:
         raise InvalidImage(f"image {index}: empty")
     return data
+
+
+def check_image_count(count: int, limit: int, how: str) -> None:
+    """422 for a request without an image (`how`: what the protocol's clients should send), 413 over the limit."""
+    if count < 1:
+        raise InvalidOption(f"no image: {how}")
+    if count > limit:
+        raise PayloadTooLarge(f"{count} images in one request, over the limit of {limit}")
 
 
 def is_json(content_type: str) -> bool:
@@ -68,7 +98,7 @@ async def _read_form(request: Request, content_type: str, *, max_images: int, ma
     except (HTTPException, MultiPartException) as e:
         detail = str(getattr(e, "detail", None) or getattr(e, "message", e))
         if "Too many files" in detail:
-            raise PayloadTooLarge(f"more than {max_images} image files in one request") from e
+            raise PayloadTooLarge(f"over the limit of {max_images} images in one request") from e
         raise InvalidBody(f"malformed form body: {detail}") from e
 
 
@@ -100,11 +130,8 @@ async def read_request(request: Request, *, max_images: int, max_body_bytes: int
     else:
         raise UnsupportedMediaType(f"content type {content_type or '(none)'!r} is not supported: send "
                                    "multipart/form-data with 'image' files or application/json with base64 'images'")
-    if not images:
-        raise InvalidOption("no image: send a multipart 'image' file or a JSON 'image' / 'images' field")
-    if len(images) > max_images:
-        raise PayloadTooLarge(f"{len(images)} images in one request, over the limit of {max_images}")
-    return [v if isinstance(v, bytes) else decode_base64_image(v, i) for i, v in enumerate(images)], options
+    check_image_count(len(images), max_images, "send a multipart 'image' file or a JSON 'image' / 'images' field")
+    return [image_bytes(v, i) for i, v in enumerate(images)], options
 
 
 def parse_options(model: type[OptionsT], raw: dict[str, Any]) -> OptionsT:

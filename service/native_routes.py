@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
-from pydantic import BaseModel
 
 from service import __version__, oip_routes
 from service.errors import NotReady, Wedged, error_response
-from service.inputs import parse_options, read_request
+from service.inputs import read_request
 from service.responses import JSONResponse
 from service.schemas import (
     ERROR_RESPONSES,
@@ -49,15 +48,13 @@ def _server(request: Request) -> Server:
     return request.app.state.server
 
 
-async def _run(request: Request, task: AnyTask, options_model: type[BaseModel]) -> tuple[Any, list[Any], list[Any]]:
-    """(job, payloads, results) of a native inference request: the route's graph, the body, the options, the batch."""
+async def _run(request: Request, task: AnyTask) -> Any:
+    """The result of a native inference request: the route's graph, the body, the options, the batch."""
     server = _server(request)
     server.require(task)
     s = server.settings
     images, raw = await read_request(request, max_images=s.max_images_per_request, max_body_bytes=s.max_body_bytes)
-    job = task.prepare(parse_options(options_model, raw))
-    payloads, results = await server.run(request, task, job, images)
-    return job, payloads, results
+    return await server.run(request, task, task.job(raw), images)
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES,
@@ -66,8 +63,7 @@ async def embed(request: Request) -> JSONResponse:
     """Embeddings of whole images: the encoder on every patch, pooled (source=encoder), or the classifier's pooled
     features (source=classifier)."""
     task = _server(request).tasks.embed
-    job, _, tokens = await _run(request, task, EmbedOptions)
-    return JSONResponse(task.respond(job, tokens))
+    return JSONResponse(task.respond(await _run(request, task)))
 
 
 @router.post("/reconstruct", response_model=ReconstructResponse, responses={
@@ -77,11 +73,11 @@ async def reconstruct_images(request: Request) -> Response:
     """Mask each image (seeded), encode the visible patches, decode, and show or score the result."""
     server = _server(request)
     task = server.tasks.reconstruct
-    job, items, preds = await _run(request, task, ReconstructOptions)
-    headers = {"X-Seed": str(job.seed)}
-    if job.response_format == "png":
-        return Response(await server.offload(task.respond_png, items, preds), media_type="image/png", headers=headers)
-    return JSONResponse(await server.offload(task.respond, job, items, preds), headers=headers)
+    result = await _run(request, task)
+    headers = {"X-Seed": str(result.job.seed)}
+    if result.job.response_format == "png":
+        return Response(await server.offload(task.respond_png, result), media_type="image/png", headers=headers)
+    return JSONResponse(await server.offload(task.respond, result), headers=headers)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
@@ -89,8 +85,7 @@ async def reconstruct_images(request: Request) -> Response:
 async def classify(request: Request) -> JSONResponse:
     """Top-k labels with softmax scores from the classifier graph."""
     task = _server(request).tasks.classify
-    job, _, logits = await _run(request, task, ClassifyOptions)
-    return JSONResponse(task.respond(job, logits))
+    return JSONResponse(task.respond(await _run(request, task)))
 
 
 @router.get("/info")

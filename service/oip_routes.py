@@ -4,28 +4,27 @@
 decoder / a classifier) take one input, either `image` (BYTES, one encoded image file per row: raw
 bytes in the binary extension, base64 or a data URI in JSON or binary) or `pixels` (FP32
 [N, C, H, W], already normalized with the model's mean and std). Request `parameters` carry the
-route's options (`source`, `pooling`, `normalize`; `mask_ratio`, `seed`). They run the same tasks, queues and
-limits as /embed, /reconstruct and /classify. Errors are `{"error": "..."}` with a 4xx status
+route's options, those of /embed and /reconstruct less the ones about how JSON is written (`source`,
+`pooling`, `normalize`; `mask_ratio`, `seed`). They run the same tasks, option checks, queues and
+limits as /embed, /reconstruct and /classify; a model's outputs are its task's named arrays. Errors are `{"error": "..."}` with a 4xx status
 (the app's error handlers use `errors.error_response_for`, which gives every path under /v2 that shape).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from model_dir.schema import Pooling
 from service import __version__
-from service.errors import OIP_PREFIX, InvalidBody, NotFound, PayloadTooLarge
+from service.errors import OIP_PREFIX, InvalidBody, NotFound
 from service.imaging import from_pixels
-from service.inputs import decode_base64_image, parse_options
+from service.inputs import check_image_count, image_bytes
 from service.oip_tensors import (
     InferRequest,
     InferResponse,
@@ -36,8 +35,7 @@ from service.oip_tensors import (
     parse_infer_request,
 )
 from service.responses import JSONResponse
-from service.schemas import ClassifyOptions, EmbeddingSource, EmbedOptions, MaskRatio, ReconstructOptions, Seed
-from service.tasks import ImageSource, MaskedImage, ReconstructTask
+from service.tasks import ImageSource, Task
 
 if TYPE_CHECKING:
     from service.server import Server
@@ -48,42 +46,30 @@ health_router = APIRouter(tags=["Open Inference Protocol v2"])  # open, as /heal
 router = APIRouter(tags=["Open Inference Protocol v2"])
 ModelName = Annotated[str, PathParam(pattern=r"^[^\s/]+$", description="<model>-embed, -reconstruct or -classify")]
 Version = Annotated[str, PathParam(pattern=r"^[^\s/]+$", description="the model's version (/info model.version)")]
-_ENCODED_TEXT = re.compile(rb"^(data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,)?[A-Za-z0-9+/=\s]+$")
-
-
-class _Parameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EmbedParameters(_Parameters):
-    source: EmbeddingSource = "encoder"
-    pooling: Pooling | None = None
-    normalize: bool = True
-
-
-class ReconstructParameters(_Parameters):
-    mask_ratio: MaskRatio = 0.75
-    seed: Seed | None = None
 
 
 @dataclass(frozen=True)
 class V2Model:
-    """One model name of the protocol: the route it stands for, the graph it needs, its outputs."""
+    """One model name of the protocol: the task it runs, and the task's options it does not offer as parameters
+    (how a JSON body is written; a class's top k: every probability is an output), with their fixed values."""
 
-    task: str
-    graph: str
-    parameters: type[_Parameters]
+    task: str  # a field of service.tasks.Tasks
+    absent: tuple[str, ...] = ()
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, server: Server) -> Task[Any, Any, Any]:
+        return server.tasks.named(self.task)
 
 
-MODELS = {"embed": V2Model("embed", "encoder", EmbedParameters),
-          "reconstruct": V2Model("reconstruct", "decoder", ReconstructParameters),
-          "classify": V2Model("classify", "classifier", _Parameters)}
+MODELS = {"embed": V2Model("embed", ("encoding_format",)),
+          "reconstruct": V2Model("reconstruct", ("response_format",)),
+          "classify": V2Model("classify", ("top_k",), {"top_k": 1})}
 
 
 def served_models(server: Server) -> dict[str, V2Model]:
     """Protocol model name -> model, for the graphs the loaded model has."""
     name = server.model_dir.spec.name
-    return {f"{name}-{task}": m for task, m in MODELS.items() if server.engine.has(m.graph)}
+    return {f"{name}-{task}": m for task, m in MODELS.items() if server.engine.has(m.of(server).graph)}
 
 
 def _model(server: Server, name: str, version: str | None) -> V2Model:
@@ -96,20 +82,7 @@ def _model(server: Server, name: str, version: str | None) -> V2Model:
 
 
 def _outputs(server: Server, model: V2Model) -> list[dict[str, Any]]:
-    spec = server.model_dir.spec
-    a = spec.architecture
-    image = [-1, a.in_chans, a.img_size, a.img_size]
-    return {
-        # The width depends on the request's pooling and source (/info's embedding_sources): a variable dimension.
-        "embed": [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}],
-        "reconstruct": [{"name": "reconstruction", "datatype": "FP32", "shape": image},
-                        {"name": "pasted", "datatype": "FP32", "shape": image},
-                        {"name": "mask", "datatype": "UINT8", "shape": [-1, a.num_patches]},
-                        {"name": "mse_masked", "datatype": "FP32", "shape": [-1]}],
-        "classify": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(server.tasks.classify.labels)]},
-                     {"name": "class_id", "datatype": "INT64", "shape": [-1]},
-                     {"name": "label", "datatype": "BYTES", "shape": [-1]}],
-    }[model.task]
+    return [{"name": a.name, "datatype": a.datatype, "shape": a.shape} for a in model.of(server).array_specs()]
 
 
 class OIPError(BaseModel):
@@ -205,13 +178,6 @@ async def model_version_ready(request: Request, name: ModelName, version: Versio
     return _ready(request, name, version)
 
 
-def _image_bytes(value: bytes, index: int) -> bytes:
-    """A BYTES element: an encoded image file, or its base64 / data URI (what JSON can carry)."""
-    if _ENCODED_TEXT.match(value):
-        return decode_base64_image(value.decode("ascii"), index)
-    return value
-
-
 def _images(server: Server, tensors: dict[str, Tensor]) -> list[ImageSource]:
     """The request's one input -> images: encoded files (BYTES `image`) or model inputs (FP32 `pixels`)."""
     if set(tensors) - {"image", "pixels"} or len(tensors) != 1:
@@ -226,46 +192,13 @@ def _images(server: Server, tensors: dict[str, Tensor]) -> list[ImageSource]:
     if not shape_ok:
         expected = "[N] or [N, 1]" if name == "image" else f"[N, {a.in_chans}, {a.img_size}, {a.img_size}]"
         raise InvalidBody(f"input {name!r} has shape {list(tensor.shape)}; expected {expected}")
-    count, limit = tensor.shape[0], server.settings.max_images_per_request
-    if count < 1:
-        raise InvalidBody(f"input {name!r} has no image")
-    if count > limit:
-        raise PayloadTooLarge(f"{count} images in one request, over the limit of {limit}")
+    check_image_count(tensor.shape[0], server.settings.max_images_per_request,
+                      "send one input, 'image' (BYTES) or 'pixels' (FP32), with at least one row")
     if name == "image":
-        return [_image_bytes(v, i) for i, v in enumerate(tensor.value)]
+        return [image_bytes(v, i) for i, v in enumerate(tensor.value)]
     if not np.isfinite(tensor.value).all():
         raise InvalidBody("input 'pixels' has NaN or infinite values")
     return [from_pixels(p, server.model_dir.spec.preprocessing) for p in tensor.value]
-
-
-async def _run(model: V2Model, server: Server, request: Request, images: list[ImageSource],
-               options: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(outputs by name, response parameters) of one model on the images, through the native routes' tasks."""
-    tasks = server.tasks
-    if model.task == "embed":
-        embed = tasks.embed.prepare(EmbedOptions(source=options.source, pooling=options.pooling,
-                                                 normalize=options.normalize))
-        _, tokens = await server.run(request, tasks.embed, embed, images)
-        return {"embedding": np.stack(tasks.embed.vectors(embed, tokens))}, {}
-    if model.task == "reconstruct":
-        job = tasks.reconstruct.prepare(ReconstructOptions(mask_ratio=options.mask_ratio, seed=options.seed))
-        items, preds = await server.run(request, tasks.reconstruct, job, images)
-        pictures = await server.offload(_reconstructions, tasks.reconstruct, items, preds)
-        return pictures, {"seed": job.seed, "mask_ratio": job.mask_ratio}
-    classify = tasks.classify.prepare(ClassifyOptions(top_k=1))
-    _, logits = await server.run(request, tasks.classify, classify, images)
-    probabilities = tasks.classify.probabilities(np.stack(logits)).astype(np.float32)
-    top = np.argmax(probabilities, axis=1)
-    labels = np.array([tasks.classify.labels[i] for i in top], dtype=object)
-    return {"probabilities": probabilities, "class_id": top.astype(np.int64), "label": labels}, {}
-
-
-def _reconstructions(task: ReconstructTask, items: list[MaskedImage], preds: list[np.ndarray]) -> dict[str, np.ndarray]:
-    found = task.reconstructions(items, preds)
-    return {"reconstruction": np.stack([r.reconstruction for r in found]).astype(np.float32),
-            "pasted": np.stack([r.pasted for r in found]).astype(np.float32),
-            "mask": np.stack([item.masking.mask for item in items]).astype(np.uint8),
-            "mse_masked": np.array([np.nan if r.mse_masked is None else r.mse_masked for r in found], np.float32)}
 
 
 _INFER_DOC = {**_errors(400, 401, 404, 413, 422, 429, 503, 504), 200: {"content": {
@@ -307,9 +240,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         raise InvalidBody(f"unknown outputs {unknown}; {name} has {names}")
     parameters = dict(body.parameters)
     binary_default = bool(parameters.pop("binary_data_output", False))
-    options = parse_options(model.parameters, parameters)
-    images = _images(server, tensors)
-    outputs, response_parameters = await _run(model, server, request, images, options)
+    task = model.of(server)
+    job = task.job(parameters, absent=model.absent, fixed=model.fixed)
+    arrays = task.arrays(await server.run(request, task, job, _images(server, tensors)))
+    outputs, response_parameters = arrays.outputs, arrays.parameters
     if requested:
         outputs = {o.name: outputs[o.name] for o in requested}
     binary = {n: bool(next((o.parameters.get("binary_data", binary_default) for o in requested if o.name == n),

@@ -1,7 +1,7 @@
 """Open Inference Protocol (v2) tensors: request bodies in JSON or with the binary tensor extension, and responses.
 
 Pure codecs, no HTTP: `parse_infer_request(body, header_length)` checks a request and returns its
-inputs as numpy arrays (BYTES as lists of bytes); `encode_infer_response` writes outputs as JSON
+inputs as numpy arrays (BYTES as lists: of bytes from the binary tail, of the strings themselves from JSON); `encode_infer_response` writes outputs as JSON
 data or, when asked for (`binary_data` on an output or `binary_data_output` on the request), as raw
 little-endian bytes after the JSON header (`Inference-Header-Content-Length`). A BYTES element in
 binary form is a 4-byte little-endian length then the bytes. Every malformed body raises
@@ -82,12 +82,12 @@ class InferResponse(BaseModel):
 
 @dataclass(frozen=True)
 class Tensor:
-    """A decoded input: a numpy array, or for BYTES a flat list of byte strings."""
+    """A decoded input: a numpy array, or for BYTES a flat list (bytes in binary form, str in JSON)."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
-    value: np.ndarray | list[bytes]
+    value: np.ndarray | list[bytes] | list[str]
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRequest, dict[str, Tensor]]:
@@ -175,14 +175,14 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _from_json(spec: InputTensor, count: int) -> np.ndarray | list[bytes]:
+def _from_json(spec: InputTensor, count: int) -> np.ndarray | list[str]:
     flat = _flatten(spec.data)
     if len(flat) != count:
         raise TensorError(f"input {spec.name!r}: {len(flat)} elements for shape {spec.shape}")
     if spec.datatype == "BYTES":
         if not all(isinstance(x, str) for x in flat):
             raise TensorError(f"input {spec.name!r}: BYTES data in JSON must be strings")
-        return [x.encode() for x in flat]
+        return flat
     if not all(isinstance(x, int | float) and not isinstance(x, str) for x in flat):
         raise TensorError(f"input {spec.name!r}: {spec.datatype} data must be numbers")
     try:

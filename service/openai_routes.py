@@ -11,22 +11,20 @@ server's envelope `{"error": {"type", "message"}}`, as OpenAI's own API wraps th
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.errors import InvalidOption, NotFound, PayloadTooLarge, UnsupportedMediaType
-from service.inputs import decode_base64_image, is_json, parse_options, read_json_object
+from service.errors import InvalidOption, NotFound, UnsupportedMediaType
+from service.inputs import check_image_count, image_bytes, is_json, parse_options, read_json_object
 from service.responses import JSONResponse
-from service.schemas import ERROR_RESPONSES, EmbeddingSource, EmbedOptions, ErrorResponse
+from service.schemas import ERROR_RESPONSES, EmbeddingSource, ErrorResponse
 
 if TYPE_CHECKING:
     from service.server import Server
 
 router = APIRouter(tags=["OpenAI-style"])
-_BASE64 = re.compile(r"^[A-Za-z0-9+/=\r\n]+$")
 
 
 class EmbeddingsRequest(BaseModel):
@@ -77,16 +75,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def _image_bytes(text: str, index: int) -> bytes:
-    """One `input` string -> image bytes; text, token ids and URLs get a 422 that says what to send."""
-    if text.startswith(("http://", "https://")):
-        raise InvalidOption(f"input {index}: URLs are not fetched; send the image as a data URI or base64")
-    if not text.startswith("data:") and not _BASE64.match(text):
-        raise InvalidOption(f"input {index} is text: this model embeds images only; send a data URI "
-                            "(data:image/png;base64,...) or the base64 of an image file")
-    return decode_base64_image(text, index)
-
-
 def _check(body: dict[str, Any], server: Server) -> EmbeddingsRequest:
     raw_input = body.get("input")
     if isinstance(raw_input, list) and raw_input and not all(isinstance(x, str) for x in raw_input):
@@ -119,23 +107,18 @@ async def create_embeddings(request: Request) -> JSONResponse:
     body = _check(await read_json_object(request, 'e.g. {"model": "...", "input": ["data:image/png;base64,..."]}'),
                   server)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts:
-        raise InvalidOption("input: no image")
-    if len(texts) > settings.max_images_per_request:
-        raise PayloadTooLarge(f"{len(texts)} images in one request, over the limit of "
-                              f"{settings.max_images_per_request}")
-    images = [_image_bytes(text, i) for i, text in enumerate(texts)]
+    check_image_count(len(texts), settings.max_images_per_request,
+                      "send 'input': a data URI or the base64 of an image file, or a list of them")
+    images = [image_bytes(text, i) for i, text in enumerate(texts)]
     task = server.tasks.embed
-    job = task.prepare(EmbedOptions(encoding_format=body.encoding_format, source=body.source))  # normalized
+    # the embedding /embed returns by default (pooled as the model's default, L2-normalized)
+    job = task.job({"encoding_format": body.encoding_format, "source": body.source})
     _check_dimensions(body, task.dim(job), server)
-    _, tokens = await server.run(request, task, job, images)
-    vectors = task.vectors(job, tokens)
-    patch_tokens = len(vectors) * server.model_dir.spec.architecture.num_patches
+    result = await server.run(request, task, job, images)
+    patch_tokens = len(result.vectors) * server.model_dir.spec.architecture.num_patches
     return JSONResponse(EmbeddingsResponse.model_construct(
         object="list", model=body.model,
-        data=[Embedding.model_construct(object="embedding", index=i,
-                                        embedding=task.encode_embedding(v, job.encoding_format))
-              for i, v in enumerate(vectors)],
+        data=[Embedding.model_construct(object="embedding", index=i, embedding=e) for i, e in enumerate(result.encoded())],
         usage=EmbeddingsUsage.model_construct(prompt_tokens=patch_tokens, total_tokens=patch_tokens)))
 
 

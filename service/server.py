@@ -34,7 +34,7 @@ from service.errors import (
 from service.imaging import ImageRejected, ModelImage, load_model_image, read_header, to_model_image
 from service.metrics import Metrics
 from service.settings import BUNDLED_MODEL_DIR, Settings
-from service.tasks import ImageSource, Job, QueueKey, Task, Tasks
+from service.tasks import ImageSource, JobT, QueueKey, ResultT, Task, Tasks
 
 log = logging.getLogger("service")
 
@@ -77,7 +77,8 @@ class Server:
         inference_pool = ThreadPoolExecutor(s.inference_threads, thread_name_prefix="mae-inference")
         self.decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="mae-decode")
         self.batcher = Batcher(inference_pool, max_batch_size=s.max_batch_size, max_delay_s=s.max_batch_delay_ms / 1000,
-                               max_queue=s.max_queue, observer=self.metrics, concurrency=s.inference_threads)
+                               max_queue=s.max_queue, observer=self.metrics, concurrency=s.inference_threads,
+                               inline_max_s=s.lone_batch_inline_ms / 1000)
         started = time.monotonic()
         warm_up = asyncio.get_running_loop().run_in_executor(inference_pool, self.engine.warm_up)
         warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
@@ -140,8 +141,9 @@ class Server:
         """Run CPU work (decoding, PNG encoding) in the decode pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
-    async def run(self, request: Request, task: Task, job: Job, images: list[ImageSource]) -> tuple[list[Any], list[Any]]:
-        """Reserve queue room, decode the images, run their payloads through the job's queue: (payloads, results)."""
+    async def run(self, request: Request, task: Task[Any, JobT, ResultT], job: JobT, images: list[ImageSource]) -> ResultT:
+        """Reserve queue room, decode the images, run their payloads through the job's queue; the task's result of
+        them (made in the decode pool when it does real work)."""
         deadline, finish_by = request.state.deadline, request.state.finish_by  # set by the middleware
         timing = BatchTiming()
         request.state.timing = timing
@@ -150,7 +152,7 @@ class Server:
             with queue.reserve(len(images)) as reservation:
                 decoded = await asyncio.gather(*(self._model_image(image, i) for i, image in enumerate(images)))
                 payloads = [job.payload(image) for image in decoded]
-                results = await reservation.submit(payloads, deadline, timing, finish_by)
+                outputs = await reservation.submit(payloads, deadline, timing, finish_by)
         except QueueFull as e:
             raise Overloaded(f"{e}; retry later", status=self.settings.queue_full_status,
                              retry_after_s=e.retry_after_s) from e
@@ -160,12 +162,14 @@ class Server:
             raise DeadlineExceeded(f"{e} (request timeout {self.settings.request_timeout_s} s)") from e
         route = request.scope.get("route")
         self.metrics.images.labels(getattr(route, "path", request.url.path)).inc(len(images))
-        return payloads, results
+        if task.heavy_result:
+            return await self.offload(task.result, job, payloads, outputs)
+        return task.result(job, payloads, outputs)
 
     async def _model_image(self, image: ImageSource, index: int) -> ModelImage:
         return image if isinstance(image, ModelImage) else await self.decode_image(image, index)
 
-    def require(self, task: Task) -> None:
+    def require(self, task: Task[Any, Any, Any]) -> None:
         """404 not_available when the model has no graph for the task's route (no decoder, no classifier)."""
         if not self.engine.has(task.graph):
             raise NotAvailable(f"{task.route} needs a {task.graph} graph, and model {self.model_dir.spec.name} has none")

@@ -1,28 +1,34 @@
-"""One task per route: `prepare` (checked options -> a job), `run_batch` (one batch, inference thread), `respond`.
+"""One task per route: `job` (raw options of any protocol -> a checked job), `run_batch` (one batch, inference
+thread), `result` (the batch outputs of one request -> the task's result), and the result written out.
 
 LitServe's decode -> batch -> predict -> unbatch -> encode, made explicit: the server decodes the
-images and runs a job's payloads through the queue its key names (`Server.run`); a task's
-`run_batch` is what one batch computes; its `respond` builds the pydantic response model the
-OpenAPI document shows. The native routes and the protocol routes (OpenAI-style, OIP v2) share
-`prepare` and `run_batch`, so a request of any protocol joins the same batches, limits and
-metrics; a protocol route only has its own response. No HTTP and no queues here.
+images and runs a job's payloads through the queue its key names, then has the task make its
+result (`Server.run`); a task's `run_batch` is what one batch computes. Every protocol goes
+through the same `job` (one options model per task, less what a protocol does not offer) and gets
+the same result type (`Embeddings`, `Reconstructions`, `Classes`); a route only writes it out:
+`respond` builds the native response model the OpenAPI document shows, `arrays` the named arrays
+the Open Inference Protocol sends (`array_specs` declares them), and the OpenAI-style route its own
+shape from `Embeddings`. No HTTP and no queues here.
 """
 
 from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, get_args
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, get_args
 
 import numpy as np
+from pydantic import BaseModel
 
 from model_dir.reconstruction import Reconstruction, panel, panel_row, reconstruct, to_uint8
 from model_dir.schema import ModelDir, Pooling
 from service.engine import Engine
 from service.errors import InvalidOption
 from service.imaging import ModelImage, encode_png
+from service.inputs import parse_options
 from service.masking import MAX_SEED, Masking, len_keep, random_masking
 from service.schemas import (
     ClassifyItem,
@@ -94,29 +100,126 @@ class ClassifyJob(Job):
     top_k: int
 
 
-class Task:
-    """What every task holds: the model's description and the engine; `graph` is the one the route needs."""
+@dataclass(frozen=True)
+class Embeddings:
+    """/embed's result: one float32 vector per image, pooled (and normalized) as the job asked."""
+
+    job: EmbedJob
+    vectors: list[np.ndarray]
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors[0].shape[0])
+
+    def encoded(self) -> list[np.ndarray | str]:
+        """Each vector as the job's encoding_format writes it: the float32 array itself (a JSON response writes it
+        as numbers), or base64 of its little-endian float32 bytes."""
+        if self.job.encoding_format == "base64":
+            return [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in self.vectors]
+        return list(self.vectors)
+
+
+@dataclass(frozen=True)
+class Reconstructions:
+    """/reconstruct's result: per image its mask and the pictures and errors of its reconstruction."""
+
+    job: ReconstructJob
+    items: list[MaskedImage]
+    found: list[Reconstruction]
+
+
+@dataclass(frozen=True)
+class Classes:
+    """/classify's result: the softmax over the classifier's logits, one row per image (float64)."""
+
+    job: ClassifyJob
+    probabilities: np.ndarray
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One named output array of a task (-1: any size), as the Open Inference Protocol's metadata declares it."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """A result as named arrays, and the scalars that go with them (a reconstruction's seed)."""
+
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+JobT = TypeVar("JobT", bound=Job)
+ResultT = TypeVar("ResultT")
+
+
+class Task(ABC, Generic[OptionsT, JobT, ResultT]):
+    """What every task is: the model's description and the engine; `graph` is the one the route needs, `options`
+    every option the task has (the native routes offer all of them; a protocol route may offer fewer)."""
 
     route: ClassVar[str]
     graph: ClassVar[str]
+    options: ClassVar[type[BaseModel]]
+    heavy_result: ClassVar[bool] = False  # `result` does real work (pictures): the server runs it off the event loop
 
     def __init__(self, *, model_dir: ModelDir, engine: Engine):
         self.spec = model_dir.spec
         self.engine = engine
 
+    def job(self, raw: Mapping[str, Any], *, absent: Collection[str] = (), fixed: Mapping[str, Any] | None = None
+            ) -> JobT:
+        """The one path from a request's raw options, in any protocol, to its job: `absent` names the options the
+        protocol does not offer (a request that gives one is a 422 that lists those it does), `fixed` the values it
+        sets for them; the rest is validated by `options` (422 naming every problem) and checked by `prepare`."""
+        given = sorted(set(raw) & set(absent))
+        if given:
+            offered = [name for name in self.options.model_fields if name not in absent]
+            raise InvalidOption(f"{', '.join(given)}: not an option here (the options here: "
+                                f"{', '.join(offered) or 'none'})")
+        return self.prepare(parse_options(self.options, {**raw, **(fixed or {})}))
+
+    @abstractmethod
+    def prepare(self, options: OptionsT) -> JobT:
+        """Checked options -> the job: its queue and what each image's payload is (the model-dependent checks)."""
+
+    def runner(self, job: JobT) -> Callable[..., list[Any]]:
+        """The function that computes one batch of the job's queue."""
+        return self.run_batch
+
+    @abstractmethod
+    def run_batch(self, payloads: list[Any], *, alone: bool = False) -> list[Any]:
+        """One batch of payloads -> one output each (in an inference thread)."""
+
+    @abstractmethod
+    def result(self, job: JobT, payloads: list[Any], outputs: list[Any]) -> ResultT:
+        """One request's payloads and batch outputs -> its result."""
+
+    @abstractmethod
+    def respond(self, result: ResultT) -> BaseModel:
+        """The native route's response model."""
+
+    @abstractmethod
+    def arrays(self, result: ResultT) -> Arrays:
+        """The result as the named arrays of `array_specs`."""
+
+    @abstractmethod
+    def array_specs(self) -> list[ArraySpec]:
+        """The arrays `arrays` returns: names, datatypes, shapes."""
+
     def usage(self, count: int) -> Usage:
         return Usage.model_construct(images=count)
 
-    def runner(self, job: Job) -> Callable[..., list[Any]]:
-        """The function that computes one batch of the job's queue."""
-        return self.run_batch  # type: ignore[attr-defined]
 
-
-class EmbedTask(Task):
+class EmbedTask(Task[EmbedOptions, EmbedJob, Embeddings]):
     """/embed: the encoder on every patch, the cls token and the mean of the patch tokens pooled per request
     (source=encoder); or the classifier graph's features, the input of its last Linear (source=classifier)."""
 
-    route, graph = "/embed", "encoder"
+    route, graph, options = "/embed", "encoder", EmbedOptions
     key = QueueKey("encoder")
     features_key = QueueKey("classifier.features")
 
@@ -141,7 +244,7 @@ class EmbedTask(Task):
         return EmbedJob(key=self.features_key, source="classifier", pooling=None, normalize=options.normalize,
                         encoding_format=options.encoding_format)
 
-    def runner(self, job: Job) -> Callable[..., list[Any]]:
+    def runner(self, job: EmbedJob) -> Callable[..., list[Any]]:
         return self.run_features_batch if job.key == self.features_key else self.run_batch
 
     def dim(self, job: EmbedJob) -> int:
@@ -177,42 +280,40 @@ class EmbedTask(Task):
         """[D] float32 per image: the classifier graph's features (source=classifier)."""
         return list(self.engine.classify(np.stack([i.pixels for i in images]), alone=alone).features)
 
-    @staticmethod
-    def vectors(job: EmbedJob, tokens: list[np.ndarray]) -> list[np.ndarray]:
-        """[2, D] per image from run_batch -> float32 embeddings: cls token, mean of patch tokens, or both;
-        [D] from run_features_batch -> the features themselves."""
-        out = []
-        for t in tokens:
+    def result(self, job: EmbedJob, payloads: list[ModelImage], outputs: list[np.ndarray]) -> Embeddings:
+        """[2, D] per image from run_batch -> the job's pooling (cls token, mean of patch tokens, or both); [D]
+        from run_features_batch -> the features themselves; L2-normalized when the job asks."""
+        vectors = []
+        for t in outputs:
             vector = (t if job.pooling is None else {"cls": t[0], "mean": t[1], "cls+mean": t.reshape(-1)}[job.pooling]
                       ).copy()
             if job.normalize:
                 vector /= max(float(np.linalg.norm(vector)), 1e-12)
-            out.append(vector)
-        return out
+            vectors.append(vector)
+        return Embeddings(job, vectors)
 
-    @staticmethod
-    def encode_embedding(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:
-        """float: the float32 array itself (the JSON response writes it as numbers); base64: little-endian f4."""
-        if encoding_format == "base64":
-            return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-        return vector
-
-    def respond(self, job: EmbedJob, tokens: list[np.ndarray]) -> EmbedResponse:
+    def respond(self, result: Embeddings) -> EmbedResponse:
         # model_construct: no validation of what this code builds (an embedding stays a numpy array, written
         # by orjson); the conformance tests check the bodies against the schema
-        vectors = self.vectors(job, tokens)
+        job = result.job
         return EmbedResponse.model_construct(
-            model=self.spec.name, dim=int(vectors[0].shape[0]), source=job.source, pooling=job.pooling,
-            normalized=job.normalize,
-            encoding_format=job.encoding_format, usage=self.usage(len(vectors)),
-            data=[EmbeddingItem.model_construct(index=i, embedding=self.encode_embedding(v, job.encoding_format))
-                  for i, v in enumerate(vectors)])
+            model=self.spec.name, dim=result.dim, source=job.source, pooling=job.pooling, normalized=job.normalize,
+            encoding_format=job.encoding_format, usage=self.usage(len(result.vectors)),
+            data=[EmbeddingItem.model_construct(index=i, embedding=e) for i, e in enumerate(result.encoded())])
+
+    def arrays(self, result: Embeddings) -> Arrays:
+        return Arrays({"embedding": np.stack(result.vectors)})
+
+    def array_specs(self) -> list[ArraySpec]:
+        # the width depends on the request's pooling and source (/info's embedding_sources): a variable dimension
+        return [ArraySpec("embedding", "FP32", [-1, -1])]
 
 
-class ReconstructTask(Task):
+class ReconstructTask(Task[ReconstructOptions, ReconstructJob, Reconstructions]):
     """/reconstruct: mask (seeded), encode the visible patches, decode; pictures and errors per image."""
 
-    route, graph = "/reconstruct", "decoder"
+    route, graph, options = "/reconstruct", "decoder", ReconstructOptions
+    heavy_result = True
 
     def prepare(self, options: ReconstructOptions) -> ReconstructJob:
         """The mask every image of the request gets; 422 when the ratio leaves no patch visible (the one place
@@ -231,34 +332,50 @@ class ReconstructTask(Task):
         latent = self.engine.encode(pixels, np.stack([i.masking.ids_keep for i in items]), alone=alone)
         return list(self.engine.decode(latent, np.stack([i.masking.ids_restore for i in items]), alone=alone))
 
-    def reconstructions(self, items: list[MaskedImage], preds: list[np.ndarray]) -> list[Reconstruction]:
-        return [reconstruct(item.image.rgb, pred, item.masking.mask, self.spec.preprocessing,
-                            self.spec.architecture.patch_size, self.spec.norm_pix_loss)
-                for item, pred in zip(items, preds, strict=True)]
+    def result(self, job: ReconstructJob, payloads: list[MaskedImage], outputs: list[np.ndarray]) -> Reconstructions:
+        return Reconstructions(job, payloads, [
+            reconstruct(item.image.rgb, pred, item.masking.mask, self.spec.preprocessing,
+                        self.spec.architecture.patch_size, self.spec.norm_pix_loss)
+            for item, pred in zip(payloads, outputs, strict=True)])
 
-    def respond_png(self, items: list[MaskedImage], preds: list[np.ndarray]) -> bytes:
+    def respond_png(self, result: Reconstructions) -> bytes:
         """One panel row per image: original | masked | reconstruction | pasted, enlarged when small."""
-        return encode_png(panel([panel_row(r) for r in self.reconstructions(items, preds)]))
+        return encode_png(panel([panel_row(r) for r in result.found]))
 
-    def respond(self, job: ReconstructJob, items: list[MaskedImage], preds: list[np.ndarray]) -> ReconstructResponse:
+    def respond(self, result: Reconstructions) -> ReconstructResponse:
         """Per image: the mask, the errors and the four pictures as base64 PNG at the model's resolution."""
-        spec, a = self.spec, self.spec.architecture
+        spec, a, job = self.spec, self.spec.architecture, result.job
         data = [ReconstructItem.model_construct(
             index=index, mask=item.masking.mask.tolist(), mse_masked=r.mse_masked,
             mse_masked_pixels=r.mse_masked_pixels, images=ReconstructImages.model_construct(**{
                 name: base64.b64encode(encode_png(to_uint8(getattr(r, name)))).decode("ascii") for name in PICTURES}))
-            for index, (item, r) in enumerate(zip(items, self.reconstructions(items, preds), strict=True))]
+            for index, (item, r) in enumerate(zip(result.items, result.found, strict=True))]
         grid = PatchGrid.model_construct(rows=a.grid_size, cols=a.grid_size, patch_size=a.patch_size,
                                          num_patches=a.num_patches, num_visible=job.key.num_visible)
         return ReconstructResponse.model_construct(
             model=spec.name, seed=job.seed, mask_ratio=job.mask_ratio, norm_pix_loss=spec.norm_pix_loss,
             denormalized_with_target_stats=spec.norm_pix_loss, grid=grid, data=data, usage=self.usage(len(data)))
 
+    def arrays(self, result: Reconstructions) -> Arrays:
+        found = result.found
+        return Arrays({
+            "reconstruction": np.stack([r.reconstruction for r in found]).astype(np.float32),
+            "pasted": np.stack([r.pasted for r in found]).astype(np.float32),
+            "mask": np.stack([item.masking.mask for item in result.items]).astype(np.uint8),
+            "mse_masked": np.array([np.nan if r.mse_masked is None else r.mse_masked for r in found], np.float32),
+        }, {"seed": result.job.seed, "mask_ratio": result.job.mask_ratio})
 
-class ClassifyTask(Task):
+    def array_specs(self) -> list[ArraySpec]:
+        a = self.spec.architecture
+        image = [-1, a.in_chans, a.img_size, a.img_size]
+        return [ArraySpec("reconstruction", "FP32", image), ArraySpec("pasted", "FP32", image),
+                ArraySpec("mask", "UINT8", [-1, a.num_patches]), ArraySpec("mse_masked", "FP32", [-1])]
+
+
+class ClassifyTask(Task[ClassifyOptions, ClassifyJob, Classes]):
     """/classify: the classifier graph; softmax scores and the top-k labels."""
 
-    route, graph = "/classify", "classifier"
+    route, graph, options = "/classify", "classifier", ClassifyOptions
     key = QueueKey("classifier")
 
     def __init__(self, *, model_dir: ModelDir, engine: Engine):
@@ -278,24 +395,32 @@ class ClassifyTask(Task):
         """Logits [num_classes], one per image."""
         return list(self.engine.classify(np.stack([i.pixels for i in images]), alone=alone).logits)
 
-    @staticmethod
-    def probabilities(logits: np.ndarray) -> np.ndarray:
-        """Softmax over the last axis (float64, shifted by the maximum)."""
-        z = logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)
-        return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    def result(self, job: ClassifyJob, payloads: list[ModelImage], outputs: list[np.ndarray]) -> Classes:
+        """Softmax over the logits (float64, shifted by each row's maximum)."""
+        z = np.stack(outputs).astype(np.float64)
+        z -= np.max(z, axis=-1, keepdims=True)
+        return Classes(job, np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True))
 
-    def top_k(self, logits: np.ndarray, k: int) -> list[Prediction]:
-        """Softmax over the logits, the k most probable classes first."""
-        probs = self.probabilities(logits)
-        order = np.argsort(-probs, kind="stable")[:k]
-        return [Prediction.model_construct(label=self.labels[i], class_id=int(i), score=float(probs[i]))
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
+        """The k most probable classes of one image, first the most probable."""
+        order = np.argsort(-probabilities, kind="stable")[:k]
+        return [Prediction.model_construct(label=self.labels[i], class_id=int(i), score=float(probabilities[i]))
                 for i in order]
 
-    def respond(self, job: ClassifyJob, logits: list[np.ndarray]) -> ClassifyResponse:
+    def respond(self, result: Classes) -> ClassifyResponse:
         return ClassifyResponse.model_construct(
-            model=self.spec.name, usage=self.usage(len(logits)),
-            data=[ClassifyItem.model_construct(index=i, predictions=self.top_k(row, job.top_k))
-                  for i, row in enumerate(logits)])
+            model=self.spec.name, usage=self.usage(len(result.probabilities)),
+            data=[ClassifyItem.model_construct(index=i, predictions=self.top_k(row, result.job.top_k))
+                  for i, row in enumerate(result.probabilities)])
+
+    def arrays(self, result: Classes) -> Arrays:
+        top = np.argmax(result.probabilities, axis=1)
+        return Arrays({"probabilities": result.probabilities.astype(np.float32), "class_id": top.astype(np.int64),
+                       "label": np.array([self.labels[i] for i in top], dtype=object)})
+
+    def array_specs(self) -> list[ArraySpec]:
+        return [ArraySpec("probabilities", "FP32", [-1, len(self.labels)]), ArraySpec("class_id", "INT64", [-1]),
+                ArraySpec("label", "BYTES", [-1])]
 
 
 @dataclass(frozen=True)
@@ -309,3 +434,8 @@ class Tasks:
     @classmethod
     def open(cls, *, model_dir: ModelDir, engine: Engine) -> Tasks:
         return cls(*(task(model_dir=model_dir, engine=engine) for task in (EmbedTask, ReconstructTask, ClassifyTask)))
+
+    def named(self, name: str) -> Task[Any, Any, Any]:
+        """The task by its field name: embed, reconstruct or classify."""
+        task: Task[Any, Any, Any] = getattr(self, name)
+        return task

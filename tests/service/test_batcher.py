@@ -216,3 +216,32 @@ def test_a_batch_is_told_when_it_runs_alone() -> None:
 
     run(scenario())
     assert calls == [[1], [2], [3]] and flags == [True, False, True]
+
+
+@pytest.mark.parametrize("inline_max_s", [0.0, 1.0])
+def test_short_lone_batches_run_on_the_loop_thread(inline_max_s: float) -> None:
+    """A lone batch of a size that has been short on average runs on the event loop's thread (no hand-over);
+    the first one (no average yet), those that have company, and every one with inline_max_s=0 go to the pool."""
+    threads: list[bool] = []
+
+    def record(payloads: list[int], *, alone: bool) -> list[int]:
+        threads.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.01)
+        return payloads
+
+    async def scenario() -> None:
+        batcher = Batcher(ThreadPoolExecutor(2), max_batch_size=8, max_delay_s=0, max_queue=16, concurrency=2,
+                          inline_max_s=inline_max_s)
+        queue = batcher.queue("q", record)
+
+        async def request(value: int) -> list[int]:
+            with queue.reserve(1) as r:
+                return await r.submit([value], time.monotonic() + 5, BatchTiming())
+
+        assert await request(1) == [1]  # alone, no average yet
+        assert await request(2) == [2]  # alone, short on average
+        assert await asyncio.gather(request(3), request(4)) == [[3], [4]]  # two at once: neither alone
+        await batcher.close()
+
+    run(scenario())
+    assert threads == ([False, True, False, False] if inline_max_s else [False] * 4)

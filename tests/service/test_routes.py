@@ -331,7 +331,8 @@ def test_client_errors_have_their_status_and_type(client: TestClient) -> None:
     png = sample_png()
     cases = [
         (client.post("/embed", files=files(b"not an image at all")), 400, "invalid_image"),
-        (client.post("/embed", json={"image": "!!! not base64 !!!"}), 400, "invalid_image"),
+        (client.post("/embed", json={"image": "!!! not base64 !!!"}), 422, "invalid_option"),  # text, not an image
+        (client.post("/embed", json={"image": "QUJDR"}), 400, "invalid_image"),  # base64 letters, bad padding
         (client.post("/embed", files=files(png[:200])), 400, "invalid_image"),  # truncated
         (client.post("/embed", content=b"{nope", headers={"content-type": "application/json"}), 400, "invalid_body"),
         (client.post("/embed", content=b"[1, 2]", headers={"content-type": "application/json"}), 400, "invalid_body"),

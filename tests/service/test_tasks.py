@@ -1,4 +1,4 @@
-"""The per-route tasks on their own, without HTTP or queues: prepare -> run_batch -> respond."""
+"""The per-route tasks on their own, without HTTP or queues: job -> run_batch -> result -> respond / arrays."""
 
 from __future__ import annotations
 
@@ -53,18 +53,51 @@ def test_each_task_responds_with_its_documented_model(tasks: Tasks) -> None:
     """The response models are built without validation (model_construct); what goes out still validates."""
     image = load_model_image(sample_png(), tasks.embed.spec.preprocessing, 10**7)
     embed = tasks.embed.prepare(EmbedOptions(pooling="cls+mean"))
-    body = EmbedResponse.model_validate_json(written(tasks.embed.respond(embed, tasks.embed.run_batch([image, image]))))
+    result = tasks.embed.result(embed, [image, image], tasks.embed.run_batch([image, image]))
+    body = EmbedResponse.model_validate_json(written(tasks.embed.respond(result)))
     assert body.dim == 2 * tasks.embed.spec.embedding.dim and len(body.data) == 2
     np.testing.assert_allclose(np.linalg.norm(body.data[0].embedding), 1.0, rtol=1e-5)
 
     job = tasks.reconstruct.prepare(ReconstructOptions(seed=1, response_format="json"))
     items = [job.payload(image)]
-    answer = written(tasks.reconstruct.respond(job, items, tasks.reconstruct.run_batch(items)))
+    answer = written(tasks.reconstruct.respond(tasks.reconstruct.result(job, items, tasks.reconstruct.run_batch(items))))
     assert ReconstructResponse.model_validate_json(answer).grid.num_visible == job.key.num_visible
 
     classify = tasks.classify.prepare(ClassifyOptions(top_k=2))
-    labels = ClassifyResponse.model_validate_json(written(tasks.classify.respond(classify, tasks.classify.run_batch([image]))))
+    result = tasks.classify.result(classify, [image], tasks.classify.run_batch([image]))
+    labels = ClassifyResponse.model_validate_json(written(tasks.classify.respond(result)))
     scores = [p.score for p in labels.data[0].predictions]
     assert len(scores) == 2 and scores == sorted(scores, reverse=True)
     with pytest.raises(InvalidOption, match="top_k"):
         tasks.classify.prepare(ClassifyOptions(top_k=len(tasks.classify.labels) + 1))
+
+
+@pytest.mark.parametrize("name", ["embed", "reconstruct", "classify"])
+def test_arrays_are_what_the_specs_declare(tasks: Tasks, name: str) -> None:
+    """Every task's named arrays have the names, datatypes and shapes its array_specs declare (-1: any)."""
+    task = tasks.named(name)
+    image = load_model_image(sample_png(), task.spec.preprocessing, 10**7)
+    job = task.job({})
+    payloads = [job.payload(image)] * 2
+    arrays = task.arrays(task.result(job, payloads, task.run_batch(payloads))).outputs
+    specs = task.array_specs()
+    assert list(arrays) == [s.name for s in specs]
+    datatypes = {"FP32": np.float32, "UINT8": np.uint8, "INT64": np.int64, "BYTES": object}
+    for spec in specs:
+        array = arrays[spec.name]
+        assert array.dtype == datatypes[spec.datatype] and array.ndim == len(spec.shape), spec
+        assert all(want in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)), (spec, array.shape)
+        assert array.shape[0] == 2
+
+
+def test_job_is_one_check_of_the_options_whatever_the_protocol(tasks: Tasks) -> None:
+    """`job` validates raw options with the task's options model; what a protocol does not offer is named."""
+    assert tasks.embed.job({"pooling": "cls", "normalize": "false"}).pooling == "cls"  # strings, as forms send them
+    with pytest.raises(InvalidOption, match="pooling"):
+        tasks.embed.job({"pooling": "max"})
+    with pytest.raises(InvalidOption, match="unknown"):
+        tasks.embed.job({"unknown": 1})
+    with pytest.raises(InvalidOption, match=r"encoding_format: not an option here \(the options here: source, "
+                       r"pooling, normalize\)"):
+        tasks.embed.job({"encoding_format": "float"}, absent=("encoding_format",))
+    assert tasks.classify.job({}, absent=("top_k",), fixed={"top_k": 1}).top_k == 1
