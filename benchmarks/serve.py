@@ -213,9 +213,10 @@ class Server:
     """`python -m service` in its own process on a free port, or (`plain`) benchmarks/plain_server.py."""
 
     def __init__(self, model_dir: Path, *flags: str, plain: bool = False, root: Path = ROOT,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, factory: str | None = None):
         """`root`: the checkout whose code runs (another commit's `git worktree`, for a before/after); `env`: more
-        environment (MAE_* settings)."""
+        environment (MAE_* settings); `factory`: instead of `python -m service`, uvicorn on this app factory
+        (`module:function`, settings from the environment)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.plain = plain  # no /metrics: nothing to drain or to count batches in
@@ -223,6 +224,10 @@ class Server:
         if plain:
             cmd = [sys.executable, "-m", "uvicorn", "benchmarks.plain_server:app", "--port", str(self.port),
                    "--log-level", "warning"]
+            env["MAE_MODEL_DIR"] = str(model_dir)
+        elif factory:
+            cmd = [sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(self.port),
+                   "--log-level", "warning", *flags]
             env["MAE_MODEL_DIR"] = str(model_dir)
         else:
             cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(self.port),
