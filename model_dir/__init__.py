@@ -5,5 +5,5 @@
 - `model_dir.reconstruction`: the decoder's `pred` back to pictures, and the reconstruction panel.
 
 `training/` (the exporter, the model card) and `service/` (the server) both import this package;
-it imports neither of them (numpy, pillow and pydantic only).
+it imports neither of them (numpy and pydantic only: the panel is drawn in numpy).
 """
