@@ -1,9 +1,11 @@
 """The engine interface: a model directory's graphs as calls over index tensors, whatever computes them.
 
 Two engines implement it: ONNX Runtime (`service/runtime.py`, the default; CPU, CUDA, TensorRT) and
-torch (`service/engine_torch.py`, the `torch` extra; CPU, CUDA), chosen by `MAE_ENGINE`. `open_engine`
-imports the torch one only when it is chosen, so the ONNX-only install never loads torch. The tasks
-(`service/tasks.py`) call it; the server opens and warms it up; nothing else sees an engine.
+torch (`service/engine_torch.py`, the `torch` extra; CPU, CUDA), chosen by `MAE_ENGINE`; this module
+imports neither (`service.server.open_engine` does, the torch one only when it is chosen, so the
+ONNX-only install never loads torch). The tasks (`service/tasks.py`) call its graphs; the server opens
+and warms it up; the routes only ask it, through the server, what it has and runs on (`has`,
+`describe`: /info and the Open Inference Protocol's model list).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import numpy as np
 from model_dir import self_check
 from model_dir.schema import ModelDir
 from service.masking import len_keep
-from service.settings import Settings
 
 log = logging.getLogger("service.engine")
 
@@ -111,20 +112,3 @@ class Engine(ABC):
         if self.has("classifier") and "features" in arrays and self.model_dir.spec.classifier_features_dim():
             results.append(self_check.check_features(arrays, self.precision("classifier"), run))
         return results
-
-
-def open_engine(model_dir: ModelDir, settings: Settings, on_run: RunObserver | None = None) -> Engine:
-    """The engine `settings.engine` names, on the device and precision the settings ask for."""
-    if settings.engine == "torch":
-        try:
-            from service.engine_torch import TorchEngine
-        except ImportError as e:
-            raise RuntimeConfigError(f"engine torch needs the torch extra (pip install 'mae-service[torch]'): {e}") from e
-        return TorchEngine(model_dir, device=settings.device, precision=settings.precision,
-                           threads=settings.ort_threads_per_call(), compile=settings.torch_compile, on_run=on_run,
-                           self_check_policy=settings.self_check)
-    from service.runtime import Runtime
-
-    return Runtime(model_dir, device=settings.device, precision=settings.precision,
-                   intra_op_threads=settings.ort_threads_per_call(), spinning=settings.ort_spinning, on_run=on_run,
-                   lone_threads=settings.lone_batch_threads(), self_check_policy=settings.self_check)

@@ -19,9 +19,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from model_dir.schema import ModelDirError, load_model_dir
+from model_dir.schema import ModelDir, ModelDirError, load_model_dir
 from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull, RunBatch
-from service.engine import open_engine
+from service.engine import Engine, RunObserver, RuntimeConfigError
 from service.errors import (
     DeadlineExceeded,
     InvalidImage,
@@ -50,6 +50,23 @@ def _checked(step: Callable[..., Any], index: int, *args: Any) -> Any:
     except ImageRejected as e:
         error = {"unsupported": UnsupportedMediaType, "too_large": PayloadTooLarge}.get(e.kind, InvalidImage)
         raise error(f"image {index}: {e}") from e
+
+
+def open_engine(model_dir: ModelDir, settings: Settings, on_run: RunObserver | None = None) -> Engine:
+    """The engine `settings.engine` names, on the device and precision the settings ask for."""
+    if settings.engine == "torch":
+        try:
+            from service.engine_torch import TorchEngine
+        except ImportError as e:
+            raise RuntimeConfigError(f"engine torch needs the torch extra (pip install 'mae-service[torch]'): {e}") from e
+        return TorchEngine(model_dir, device=settings.device, precision=settings.precision,
+                           threads=settings.ort_threads_per_call(), compile=settings.torch_compile, on_run=on_run,
+                           self_check_policy=settings.self_check)
+    from service.runtime import Runtime
+
+    return Runtime(model_dir, device=settings.device, precision=settings.precision,
+                   intra_op_threads=settings.ort_threads_per_call(), spinning=settings.ort_spinning, on_run=on_run,
+                   lone_threads=settings.lone_batch_threads(), self_check_policy=settings.self_check)
 
 
 class Server:

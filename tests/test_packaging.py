@@ -651,7 +651,7 @@ def test_clean_venv_cpu_install_has_no_torch(tmp_path):
     assert not loaded & {"torch", "model", "training"}, loaded & {"torch", "model", "training"}
 
     # Asked for the torch engine without the `torch` extra, the server says what to install (no traceback).
-    done = subprocess.run([str(python), "-c", "from service.engine import open_engine; "
+    done = subprocess.run([str(python), "-c", "from service.server import open_engine; "
                            "from model_dir.schema import load_model_dir; from service.settings import Settings; "
                            "s = Settings(engine='torch'); open_engine(load_model_dir(s.model_dir), s)"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)

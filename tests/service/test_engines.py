@@ -13,8 +13,9 @@ import pytest
 
 from model_dir import self_check
 from model_dir.schema import ModelDirError, load_model_dir
-from service.engine import Engine, RuntimeConfigError, open_engine
+from service.engine import Engine, RuntimeConfigError
 from service.runtime import Runtime
+from service.server import open_engine
 from service.settings import BUNDLED_MODEL_DIR, Settings
 
 torch = pytest.importorskip("torch")

@@ -10,7 +10,6 @@ from pydantic import BaseModel
 from service_helpers import sample_png
 
 from model_dir.schema import load_model_dir
-from service.engine import open_engine
 from service.errors import InvalidOption
 from service.imaging import load_model_image
 from service.responses import JSONResponse
@@ -22,6 +21,7 @@ from service.schemas import (
     ReconstructOptions,
     ReconstructResponse,
 )
+from service.server import open_engine
 from service.tasks import QueueKey, Tasks
 
 
