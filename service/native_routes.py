@@ -26,6 +26,7 @@ from service.schemas import (
     EmbedOptions,
     EmbedResponse,
     ErrorResponse,
+    InfoResponse,
     ReconstructJsonRequest,
     ReconstructOptions,
     ReconstructResponse,
@@ -88,7 +89,7 @@ async def classify(request: Request) -> JSONResponse:
     return JSONResponse(task.respond(await _run(request, task)))
 
 
-@router.get("/info")
+@router.get("/info", response_model=InfoResponse, responses={401: {"model": ErrorResponse}})
 async def info(request: Request) -> dict[str, Any]:
     """Model card, graphs with their precision and providers in use, batching settings and limits."""
     server = _server(request)
@@ -103,7 +104,7 @@ async def info(request: Request) -> dict[str, Any]:
         "embedding_sources": server.tasks.embed.sources(),
         "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
                      "inference_threads": s.inference_threads, "ort_threads_per_call": s.ort_threads_per_call(),
-                     "max_queue": s.max_queue, "queue_full_status": s.queue_full_status,
+                     "max_queue": s.max_queue, "max_waiting": s.max_waiting, "queue_full_status": s.queue_full_status,
                      "request_timeout_s": s.request_timeout_s},
         "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
                    "max_image_pixels": s.max_image_pixels},

@@ -142,6 +142,61 @@ class ErrorBody(BaseModel):
     message: str
 
 
+class InfoRoutes(BaseModel):
+    embed: bool
+    reconstruct: bool = Field(description="the model has a decoder")
+    classify: bool = Field(description="the model has a classifier")
+
+
+class InfoClassifierSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int
+    knn: dict[str, Any] | None = Field(description="kNN figures recorded in model.json (training.knn), if any")
+
+
+class InfoEncoderSource(InfoClassifierSource):
+    default_pooling: Pooling
+
+
+class InfoBatching(BaseModel):
+    max_batch_size: int
+    max_batch_delay_ms: float
+    inference_threads: int
+    ort_threads_per_call: int
+    max_queue: int
+    max_waiting: int
+    queue_full_status: int
+    request_timeout_s: float
+
+
+class InfoLimits(BaseModel):
+    max_body_bytes: int
+    max_images_per_request: int
+    max_image_pixels: int
+
+
+class InfoProtocols(BaseModel):
+    native: list[str]
+    openai: dict[str, Any] = Field(description="routes and the model name to send")
+    open_inference_v2: dict[str, Any] = Field(description="REST prefix, extensions, model names")
+
+
+class InfoResponse(BaseModel):
+    """GET /info: what the Python client reads its limits from."""
+
+    version: str
+    ready: bool
+    model: dict[str, Any] = Field(description="model.json, less its file list and verification table")
+    runtime: dict[str, Any] = Field(description="engine, device, and per graph its precision and providers")
+    routes: InfoRoutes
+    embedding_sources: dict[EmbeddingSource, InfoClassifierSource | InfoEncoderSource]
+    batching: InfoBatching
+    limits: InfoLimits
+    auth: bool = Field(description="whether an API key is required")
+    protocols: InfoProtocols
+
+
 class ErrorResponse(BaseModel):
     error: ErrorBody
 
