@@ -43,18 +43,22 @@ class Load:
     timeout_s: float = 60.0  # open loop: how long a client waits for its answer
 
 
-def http_request(url: str, path: str, body: bytes, content_type: str) -> bytes:
+def http_request(url: str, path: str, body: bytes = b"", content_type: str | None = None, *, method: str = "POST",
+                 headers: dict[str, str] | None = None) -> bytes:
+    """One raw HTTP/1.1 keep-alive request (a body and its length on POST)."""
     parts = urlsplit(url)
-    head = (f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")
-    return head.encode() + body
+    head = {"Host": f"{parts.hostname}:{parts.port}", **({"Content-Type": content_type} if content_type else {}),
+            **({"Content-Length": str(len(body))} if method == "POST" else {}), "Connection": "keep-alive",
+            **(headers or {})}
+    return (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
+            + "\r\n").encode() + body
 
 
 # outcomes without an HTTP status: no connection, the connection closed unanswered, the client gave up waiting
 REFUSED, RESET, TIMEOUT = -1, -2, -3
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     """Read one response: (its status code, whether the server keeps the connection open)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -80,7 +84,7 @@ async def _connection(load: Load, end: float, records: list[tuple[float, float, 
         at, sent = time.time(), time.perf_counter()
         try:
             writer.write(load.request)
-            status, keep_alive = await _read_response(reader)
+            status, keep_alive = await read_response(reader)
         except (OSError, asyncio.IncompleteReadError):
             status, keep_alive = RESET, False
         records.append((at, time.perf_counter() - sent, status))
@@ -118,7 +122,7 @@ async def _open_loop_main(load: Load) -> tuple[list[tuple[float, float, int]], f
                 return
         try:
             writer.write(load.request)
-            status, keep_alive = await asyncio.wait_for(_read_response(reader),
+            status, keep_alive = await asyncio.wait_for(read_response(reader),
                                                         scheduled + load.timeout_s - time.time())
         except TimeoutError:
             status, keep_alive = TIMEOUT, False

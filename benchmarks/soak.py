@@ -32,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.loadgen import http_request, read_response  # noqa: E402
 from benchmarks.serve import BUNDLED, Server, sample_image  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,19 +44,14 @@ def log(message: str) -> None:
     print(f"soak: {message}", file=sys.stderr, flush=True)
 
 
-def http(method: str, path: str, body: bytes = b"", content_type: str | None = None,
-         headers: dict[str, str] | None = None) -> bytes:
-    head = {"Host": "soak", **({"Content-Type": content_type} if content_type else {}), **(headers or {})}
-    if method == "POST":
-        head["Content-Length"] = str(len(body))
-    return (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
-            + "\r\n").encode() + body
-
-
-def requests_mix(model_name: str, image: bytes) -> list[tuple[str, bytes]]:
+def requests_mix(url: str, model_name: str, image: bytes) -> list[tuple[str, bytes]]:
     """(kind, raw request) in the order they cycle; kinds name what each is in the summary."""
     b64 = base64.b64encode(image).decode()
     boundary = "soakboundary"
+
+    def http(method: str, path: str, body: bytes = b"", content_type: str | None = None,
+             headers: dict[str, str] | None = None) -> bytes:
+        return http_request(url, path, body, content_type, method=method, headers=headers)
 
     def form(data: bytes, fields: dict[str, str] | None = None) -> tuple[bytes, str]:
         parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
@@ -105,23 +101,6 @@ def requests_mix(model_name: str, image: bytes) -> list[tuple[str, bytes]]:
     # three valid requests for each invalid one, the metrics scrape now and then
     mix = [r for pair in itertools.zip_longest(valid * 2, invalid) for r in pair if r is not None]
     return [*mix, ("metrics", http("GET", "/metrics"))]
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, whether the server keeps the connection) of one response, its body read and discarded."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
-    if "content-length" in headers:
-        await reader.readexactly(int(headers["content-length"]))
-    else:  # chunked
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            await reader.readexactly(size + 2)
-            if size == 0:
-                break
-    return status, headers.get("connection", "").lower() != "close"
 
 
 @dataclass
@@ -207,7 +186,7 @@ def run(requests: int, every: int, warmup: int, connections: int, leak_bytes: in
         server = Server(model_dir, env=env)
     try:
         name = json.loads((model_dir / "model.json").read_text())["name"]
-        soak = Soak(server.url, requests_mix(name, sample_image(model_dir)), requests, every, server.proc.pid)
+        soak = Soak(server.url, requests_mix(server.url, name, sample_image(model_dir)), requests, every, server.proc.pid)
         start_rss = rss_mb(server.proc.pid)
 
         async def main() -> None:

@@ -35,9 +35,12 @@ def image_bytes(value: str | bytes, index: int) -> bytes:
     when it is not valid base64); a URL or any other text is a 422 that says what to send. Bytes (a
     multipart file, a binary tensor element): the file itself, unless it is such text."""
     if isinstance(value, bytes):
-        if not value.isascii() or not (_BASE64.match(value.decode("ascii")) or value[:5].lower() == b"data:"):
+        if not value.isascii():
             return value
-        value = value.decode("ascii")
+        text = value.decode("ascii")
+        if not (_BASE64.match(text) or text[:5].lower() == "data:"):
+            return value
+        value = text
     match = _DATA_URI.match(value)
     if match:
         text = _WHITESPACE.sub("", value[match.end():])

@@ -6,13 +6,14 @@ bytes in the binary extension, base64 or a data URI in JSON or binary) or `pixel
 [N, C, H, W], already normalized with the model's mean and std). Request `parameters` carry the
 route's options, those of /embed and /reconstruct less the ones about how JSON is written (`source`,
 `pooling`, `normalize`; `mask_ratio`, `seed`). They run the same tasks, option checks, queues and
-limits as /embed, /reconstruct and /classify; a model's outputs are its task's named arrays. Errors are `{"error": "..."}` with a 4xx status
-(the app's error handlers use `errors.error_response_for`, which gives every path under /v2 that shape).
+limits as /embed, /reconstruct and /classify; a model's outputs are its task's named arrays. Errors
+are `{"error": "..."}` with a 4xx status (the app's error handlers use `errors.error_response_for`,
+which gives every path under /v2 that shape).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
@@ -82,7 +83,7 @@ def _model(server: Server, name: str, version: str | None) -> V2Model:
 
 
 def _outputs(server: Server, model: V2Model) -> list[dict[str, Any]]:
-    return [{"name": a.name, "datatype": a.datatype, "shape": a.shape} for a in model.of(server).array_specs()]
+    return [asdict(spec) for spec in model.of(server).array_specs()]
 
 
 class OIPError(BaseModel):

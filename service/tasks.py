@@ -398,8 +398,8 @@ class ClassifyTask(Task[ClassifyOptions, ClassifyJob, Classes]):
     def result(self, job: ClassifyJob, payloads: list[ModelImage], outputs: list[np.ndarray]) -> Classes:
         """Softmax over the logits (float64, shifted by each row's maximum)."""
         z = np.stack(outputs).astype(np.float64)
-        z -= np.max(z, axis=-1, keepdims=True)
-        return Classes(job, np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True))
+        e = np.exp(z - np.max(z, axis=-1, keepdims=True))
+        return Classes(job, e / e.sum(axis=-1, keepdims=True))
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
         """The k most probable classes of one image, first the most probable."""

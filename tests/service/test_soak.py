@@ -20,7 +20,7 @@ def test_the_memory_check_catches_a_leaking_handler_and_passes_the_server() -> N
     assert server["growth_after_warmup_mb"] <= LIMIT_MB, server["samples"]
     assert server["server_alive_at_end"] and leaky["server_alive_at_end"]
     # every kind of request was sent and answered (or, for the clients that leave, sent)
-    kinds = {kind for kind, _ in soak.requests_mix("m", b"x")}
+    kinds = {kind for kind, _ in soak.requests_mix("http://127.0.0.1:1", "m", b"x")}
     assert set(server["statuses"]) == kinds
     assert server["statuses"]["embed multipart"] == {"200": server["statuses"]["embed multipart"].get("200", 0)}
     assert server["statuses"]["bad image"].keys() == {"400"} and server["statuses"]["over the body limit"].keys() == {"413"}
