@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.serve import BUNDLED, random_model_dir  # noqa: E402
 from model_dir.schema import load_model_dir  # noqa: E402
-from service.engine import open_engine  # noqa: E402
+from service.server import open_engine  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 GPU_CONFIGS = "onnxruntime:fp32,onnxruntime:fp16,torch:fp32,torch:bf16,torch:bf16:compile"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.engines_raw import versions  # noqa: E402
 from model_dir.schema import load_model_dir  # noqa: E402
-from service.engine import open_engine  # noqa: E402
+from service.server import open_engine  # noqa: E402
 from service.settings import BUNDLED_MODEL_DIR, Settings  # noqa: E402
 
 

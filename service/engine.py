@@ -1,6 +1,6 @@
 """The engine interface: a model directory's graphs as calls over index tensors, whatever computes them.
 
-Two engines implement it: ONNX Runtime (`service/runtime.py`, the default; CPU, CUDA, TensorRT) and
+Two engines implement it: ONNX Runtime (`service/engine_onnxruntime.py`, the default; CPU, CUDA, TensorRT) and
 torch (`service/engine_torch.py`, the `torch` extra; CPU, CUDA), chosen by `MAE_ENGINE`; this module
 imports neither (`service.server.open_engine` does, the torch one only when it is chosen, so the
 ONNX-only install never loads torch). The tasks (`service/tasks.py`) call its graphs; the server opens

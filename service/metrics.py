@@ -72,7 +72,7 @@ class Metrics(BatchObserver):
     def cancelled(self, queue: str, count: int) -> None:
         self.cancelled_images.labels(queue).inc(count)
 
-    # Runtime observer
+    # engine observer
     def ort_run(self, graph: str, batch: int, seconds: float) -> None:
         self.ort_runs.labels(graph).inc()
         self.inference_seconds.labels(graph).observe(seconds)

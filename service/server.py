@@ -62,9 +62,9 @@ def open_engine(model_dir: ModelDir, settings: Settings, on_run: RunObserver | N
         return TorchEngine(model_dir, device=settings.device, precision=settings.precision,
                            threads=settings.ort_threads_per_call(), compile=settings.torch_compile, on_run=on_run,
                            self_check_policy=settings.self_check)
-    from service.runtime import Runtime
+    from service.engine_onnxruntime import OnnxRuntimeEngine
 
-    return Runtime(model_dir, device=settings.device, precision=settings.precision,
+    return OnnxRuntimeEngine(model_dir, device=settings.device, precision=settings.precision,
                    intra_op_threads=settings.ort_threads_per_call(), spinning=settings.ort_spinning, on_run=on_run,
                    lone_threads=settings.lone_batch_threads(), self_check_policy=settings.self_check)
 

@@ -14,7 +14,7 @@ import pytest
 from model_dir import self_check
 from model_dir.schema import ModelDirError, load_model_dir
 from service.engine import Engine, RuntimeConfigError
-from service.runtime import Runtime
+from service.engine_onnxruntime import OnnxRuntimeEngine
 from service.server import open_engine
 from service.settings import BUNDLED_MODEL_DIR, Settings
 
@@ -45,7 +45,7 @@ def _cases(engine: Engine, rng: np.random.Generator) -> list[tuple[str, tuple[np
 
 def _assert_engines_agree(model_dir: Path) -> dict[str, float]:
     directory = load_model_dir(model_dir)
-    ort_engine = Runtime(directory, device="cpu")
+    ort_engine = OnnxRuntimeEngine(directory, device="cpu")
     torch_engine = TorchEngine(directory, device="cpu")
     assert {g for g in ("encoder", "decoder", "classifier") if ort_engine.has(g)} == set(torch_engine.graphs)
     worst: dict[str, float] = {}
@@ -158,7 +158,7 @@ def test_open_engine_picks_by_setting_and_says_when_torch_is_missing(tiny_model_
 
 def test_onnxruntime_refuses_bf16(tiny_model_dir: Path) -> None:
     with pytest.raises(RuntimeConfigError, match="no bf16 variant of the encoder"):
-        Runtime(load_model_dir(tiny_model_dir), device="cpu", precision="bf16")
+        OnnxRuntimeEngine(load_model_dir(tiny_model_dir), device="cpu", precision="bf16")
 
 
 @pytest.mark.slow
@@ -166,7 +166,7 @@ def test_onnxruntime_refuses_bf16(tiny_model_dir: Path) -> None:
 def test_compiled_torch_engine_agrees_with_onnxruntime() -> None:
     """torch.compile (inductor; needs a C++ compiler on a CPU): the same outputs after warm-up, at new batch sizes too."""
     directory = load_model_dir(BUNDLED_MODEL_DIR)
-    compiled, reference = TorchEngine(directory, device="cpu", compile=True), Runtime(directory, device="cpu")
+    compiled, reference = TorchEngine(directory, device="cpu", compile=True), OnnxRuntimeEngine(directory, device="cpu")
     compiled.warm_up()
     assert compiled.describe()["compiled"] is True
     for batch in (3, 7):

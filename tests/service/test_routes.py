@@ -15,7 +15,7 @@ from PIL import Image
 from service_helpers import encode, gradient, make_client, metric, sample_png
 
 from model_dir.schema import ModelDirError
-from service.runtime import RuntimeConfigError
+from service.engine_onnxruntime import OnnxRuntimeEngineConfigError
 from service.settings import Settings
 
 
@@ -443,9 +443,9 @@ def test_bad_model_directories_refuse_to_start(tiny_model_dir: Path, tmp_path: P
 
 def test_a_batch_that_runs_alone_uses_the_all_core_sessions_with_the_same_results(tiny_model_dir: Path) -> None:
     from model_dir.schema import load_model_dir
-    from service.runtime import Runtime
+    from service.engine_onnxruntime import OnnxRuntimeEngine
 
-    runtime = Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=1, lone_threads=2)
+    runtime = OnnxRuntimeEngine(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=1, lone_threads=2)
     assert set(runtime.lone_sessions) == set(runtime.sessions) and runtime.describe()["lone_batch_threads"] == 2
     assert all(runtime.lone_sessions[g].session is not runtime.sessions[g].session for g in runtime.sessions)
     pixels = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
@@ -454,7 +454,7 @@ def test_a_batch_that_runs_alone_uses_the_all_core_sessions_with_the_same_result
     alone, shared = runtime.classify(pixels, alone=True), runtime.classify(pixels)
     np.testing.assert_allclose(alone.logits, shared.logits, atol=1e-5)
     np.testing.assert_allclose(alone.features, shared.features, atol=1e-5)
-    assert Runtime(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=2, lone_threads=2).lone_sessions == {}
+    assert OnnxRuntimeEngine(load_model_dir(tiny_model_dir), device="cpu", intra_op_threads=2, lone_threads=2).lone_sessions == {}
 
 
 def test_liveness_fails_while_the_engine_is_wedged_and_recovers(tiny_model_dir: Path) -> None:
@@ -542,9 +542,9 @@ def test_auto_device_uses_cuda_only_when_the_session_gets_it(tiny_model_dir: Pat
     real = ort.get_available_providers()
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
     from model_dir.schema import load_model_dir
-    from service.runtime import Runtime
+    from service.engine_onnxruntime import OnnxRuntimeEngine
 
-    runtime = Runtime(load_model_dir(tiny_model_dir), device="auto")
+    runtime = OnnxRuntimeEngine(load_model_dir(tiny_model_dir), device="auto")
     assert runtime.device == "cpu"
     described = runtime.describe()
     assert described["graphs"]["encoder"]["providers"] == ["CPUExecutionProvider"]
@@ -554,8 +554,8 @@ def test_auto_device_uses_cuda_only_when_the_session_gets_it(tiny_model_dir: Pat
                                                  "be loaded"), described["device_reason"]
     assert described["cuda_libraries"] == [] and "no CUDA user-space library" in described["device_reason"]
     with pytest.raises(RuntimeConfigError, match=r"only got .*libcuda\.so\.1 cannot be loaded.*MAE_DEVICE=auto"):
-        Runtime(load_model_dir(tiny_model_dir), device="cuda")
-    assert Runtime(load_model_dir(tiny_model_dir), device="cpu").describe()["device_reason"] == "MAE_DEVICE=cpu"
+        OnnxRuntimeEngine(load_model_dir(tiny_model_dir), device="cuda")
+    assert OnnxRuntimeEngine(load_model_dir(tiny_model_dir), device="cpu").describe()["device_reason"] == "MAE_DEVICE=cpu"
 
 
 def test_demo_page_and_samples_are_served(client: TestClient) -> None:

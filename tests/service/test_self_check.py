@@ -20,7 +20,7 @@ from service_helpers import make_client, sample_png
 from model_dir import self_check
 from model_dir.schema import MODEL_JSON, load_model_dir, sha256_file
 from service.app import create_app
-from service.runtime import Runtime, RuntimeConfigError
+from service.engine_onnxruntime import OnnxRuntimeEngine, RuntimeConfigError
 from service.settings import Settings
 
 
@@ -61,7 +61,7 @@ def test_exported_variants_pass_their_self_check_here(tiny_model_dir: Path) -> N
 
 
 def test_a_degraded_int8_graph_is_replaced_by_fp32_at_startup(degraded_dir: Path, caplog) -> None:
-    with caplog.at_level(logging.ERROR, logger="service.runtime"), make_client(degraded_dir, precision="int8") as c:
+    with caplog.at_level(logging.ERROR, logger="service.engine_onnxruntime"), make_client(degraded_dir, precision="int8") as c:
         info = c.get("/info").json()["runtime"]
         assert c.post("/embed", files={"image": sample_png()}).status_code == 200
     assert info["graphs"]["encoder"]["precision"] == "fp32"
@@ -76,7 +76,7 @@ def test_a_degraded_int8_graph_is_replaced_by_fp32_at_startup(degraded_dir: Path
 
 def test_a_features_check_that_fails_blames_the_classifier_graph(tiny_model_dir: Path) -> None:
     """The classifier's features are checked like its logits; below the gate, the int8 classifier is replaced."""
-    runtime = Runtime(load_model_dir(tiny_model_dir), device="cpu", precision="int8")
+    runtime = OnnxRuntimeEngine(load_model_dir(tiny_model_dir), device="cpu", precision="int8")
     failed = self_check.CheckResult(graph=self_check.FEATURES, precision="int8", max_abs_diff=1.0, cosine=0.5,
                                     passed=False)
     assert runtime._culprit(failed) == "classifier"

@@ -21,7 +21,7 @@ from model_dir import self_check
 from model_dir.schema import ModelDir, check_session_io
 from service.engine import ClassifierOutputs, Engine, RunObserver, RuntimeConfigError
 
-log = logging.getLogger("service.runtime")
+log = logging.getLogger("service.engine_onnxruntime")
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -120,7 +120,7 @@ def _device_reason(device: str, got: list[str], cuda_libraries: list[str]) -> st
     return f"MAE_DEVICE=auto: {CUDA} is in this build but the sessions did not get it: {problem}{missing}"
 
 
-class Runtime(Engine):
+class OnnxRuntimeEngine(Engine):
     """The ONNX Runtime engine: one session per graph, and a second one on every core for lone batches."""
 
     name = "onnxruntime"
