@@ -28,6 +28,8 @@ ENGINES = ("onnxruntime", "torch")
 WARMUP_MASK_RATIO = 0.75
 
 RunObserver = Callable[[str, int, float], None]  # (graph, batch size, seconds) after each engine call
+DeviceObserver = Callable[[str, str], None]  # (the device that failed, why) after a device failure
+FAILOVER = ("unready", "cpu")  # what a device failure after start-up does: report not-ready, or move to the CPU
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,21 @@ class ClassifierOutputs:
     features: np.ndarray | None
 
 
+def pool_tokens(latent: np.ndarray) -> np.ndarray:
+    """latent [B, 1+L, D] -> [B, 2, D] float32: the cls token, and the mean of the patch tokens."""
+    tokens = np.empty((len(latent), 2, latent.shape[-1]), dtype=np.float32)
+    tokens[:, 0] = latent[:, 0]
+    np.mean(latent[:, 1:], axis=1, dtype=np.float32, out=tokens[:, 1])
+    return tokens
+
+
 class RuntimeConfigError(RuntimeError):
     """The requested engine, device or precision cannot be served here with this model directory."""
+
+
+class DeviceFailed(RuntimeError):
+    """The device failed under a call after start-up (a CUDA error; ONNX Runtime's EP failure) and the engine
+    does not fail over: the call's batch is lost and the engine reports not-ready from now on."""
 
 
 class Engine(ABC):
@@ -48,17 +63,38 @@ class Engine(ABC):
 
     `alone` (keyword): the batch runs alone (no other batch running or waiting), so an engine may give
     it every core; engines without such a mode ignore it.
+
+    A device error after start-up goes through `device_failed`: with `failover` "unready" the engine records
+    it (`device_failure`, which readiness reports) and the call raises DeviceFailed; with "cpu" the engine moves
+    its graphs to the CPU and runs the call again there. Either way `on_device_failure` hears of it (metrics).
     """
 
     name: str  # "onnxruntime" or "torch"
     device: str  # where it computes: cpu, cuda or tensorrt
     lone_threads: int = 0  # threads of a batch that runs alone (0: no separate mode)
     self_check: dict[str, Any] | None = None  # the startup self-check's report, when one ran
+    device_failure: str | None = None  # why the device stopped working after start-up (None: it works)
 
-    def __init__(self, model_dir: ModelDir, on_run: RunObserver | None):
+    def __init__(self, model_dir: ModelDir, on_run: RunObserver | None, failover: str = "unready"):
+        if failover not in FAILOVER:
+            raise RuntimeConfigError(f"failover {failover!r}: one of {', '.join(FAILOVER)}")
         self.model_dir = model_dir
         self.arch = model_dir.spec.architecture
         self.on_run = on_run
+        self.failover = failover
+        self.on_device_failure: DeviceObserver | None = None
+
+    def device_failed(self, error: BaseException) -> bool:
+        """A device error under a call: log it and tell the observer; True when the caller should move to the CPU
+        and run the call again (failover "cpu"), else the failure is recorded and DeviceFailed is raised."""
+        failed, reason = self.device, f"{type(error).__name__}: {error}".strip()
+        log.error("the %s device failed under a call: %s (failover: %s)", failed, reason, self.failover)
+        if self.on_device_failure:
+            self.on_device_failure(failed, reason)
+        if self.failover == "cpu":
+            return True
+        self.device_failure = f"{failed} failed after start-up: {reason}"
+        raise DeviceFailed(self.device_failure) from error
 
     @abstractmethod
     def has(self, graph: str) -> bool:
@@ -83,6 +119,12 @@ class Engine(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """What /info and the startup log report: engine, device, and per graph its precision and providers."""
+
+    def embed(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
+        """pixels [B, C, H, W] -> [B, 2, D] float32: the cls token and the mean of the patch tokens of the
+        full-image latent (/embed's source=encoder). Here the latent comes back whole and is pooled on the host; an
+        engine whose latent lives on a device pools it there and copies back only these 2 x D floats per image."""
+        return pool_tokens(self.encode(pixels, self.all_patches(len(pixels)), alone=alone))
 
     def all_patches(self, batch: int) -> np.ndarray:
         """ids_keep [B, L] that keeps every patch (the full-image embedding)."""

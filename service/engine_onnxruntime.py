@@ -127,8 +127,8 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, model_dir: ModelDir, *, device: str = "auto", precision: str = "fp32",
                  intra_op_threads: int = 0, spinning: bool = False, on_run: RunObserver | None = None,
-                 lone_threads: int = 0, self_check_policy: str = "fallback"):
-        super().__init__(model_dir, on_run)
+                 lone_threads: int = 0, self_check_policy: str = "fallback", failover: str = "unready"):
+        super().__init__(model_dir, on_run, failover)
         self.cuda_libraries = preload_cuda() if _wants_cuda(device) else []
         if device in ("cuda", "tensorrt"):
             need = CUDA if device == "cuda" else TENSORRT

@@ -61,8 +61,9 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, model_dir: ModelDir, *, device: str = "auto", precision: str = "fp32", threads: int = 0,
-                 compile: bool = False, on_run: RunObserver | None = None, self_check_policy: str = "fallback"):
-        super().__init__(model_dir, on_run)
+                 compile: bool = False, on_run: RunObserver | None = None, self_check_policy: str = "fallback",
+                 failover: str = "unready"):
+        super().__init__(model_dir, on_run, failover)
         self.torch_device = _device(device)
         self.device = self.torch_device.type
         if precision not in DTYPES or (precision == "fp16" and self.device == "cpu"):

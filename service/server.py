@@ -61,12 +61,13 @@ def open_engine(model_dir: ModelDir, settings: Settings, on_run: RunObserver | N
             raise RuntimeConfigError(f"engine torch needs the torch extra (pip install 'mae-service[torch]'): {e}") from e
         return TorchEngine(model_dir, device=settings.device, precision=settings.precision,
                            threads=settings.ort_threads_per_call(), compile=settings.torch_compile, on_run=on_run,
-                           self_check_policy=settings.self_check)
+                           self_check_policy=settings.self_check, failover=settings.device_failover)
     from service.engine_onnxruntime import OnnxRuntimeEngine
 
     return OnnxRuntimeEngine(model_dir, device=settings.device, precision=settings.precision,
-                   intra_op_threads=settings.ort_threads_per_call(), spinning=settings.ort_spinning, on_run=on_run,
-                   lone_threads=settings.lone_batch_threads(), self_check_policy=settings.self_check)
+                             intra_op_threads=settings.ort_threads_per_call(), spinning=settings.ort_spinning,
+                             on_run=on_run, lone_threads=settings.lone_batch_threads(),
+                             self_check_policy=settings.self_check, failover=settings.device_failover)
 
 
 class Server:

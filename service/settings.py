@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(
         False, description="let ORT threads spin between operators (faster alone, steals CPU from HTTP); with one ORT "
         "thread per call, only the lone-batch sessions have threads to spin")
+    device_failover: Literal["unready", "cpu"] = Field(
+        "unready", description="a GPU that fails under a batch after start-up (a CUDA error; ONNX Runtime's silent "
+        "move of a session to the CPU is turned off): unready reports not-ready (/health/ready 503, the batch's "
+        "requests 503) so that an orchestrator replaces the process; cpu moves the graphs to the CPU and goes on, "
+        "slower (mae_device_failures_total counts either)")
     verify_hashes: bool = Field(True, description="check each ONNX file's sha256 against model.json at startup")
     self_check: Literal["fallback", "refuse", "off"] = Field(
         "fallback", description="at startup, run every loaded graph on the model directory's stored self-check: a "

@@ -267,14 +267,9 @@ class EmbedTask(Task[EmbedOptions, EmbedJob, Embeddings]):
         return sources
 
     def run_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
-        """[2, D] float32 per image: the cls token and the mean of the patch tokens of its full-image latent
-        (pooled here, for the whole batch in one numpy call, rather than per request on the event loop)."""
-        pixels = np.stack([i.pixels for i in images])
-        latent = self.engine.encode(pixels, self.engine.all_patches(len(images)), alone=alone)
-        tokens = np.empty((len(images), 2, latent.shape[-1]), dtype=np.float32)
-        tokens[:, 0] = latent[:, 0]
-        np.mean(latent[:, 1:], axis=1, dtype=np.float32, out=tokens[:, 1])
-        return list(tokens)
+        """[2, D] float32 per image: the cls token and the mean of the patch tokens of its full-image latent,
+        pooled by the engine for the whole batch (on the device, where the latent lives on one)."""
+        return list(self.engine.embed(np.stack([i.pixels for i in images]), alone=alone))
 
     def run_features_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
         """[D] float32 per image: the classifier graph's features (source=classifier)."""
