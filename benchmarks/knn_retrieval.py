@@ -31,6 +31,10 @@ import onnxruntime as ort
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a source tree
+
+from model_dir.schema import Knn, ModelDir, load_model_dir, write_model_json  # noqa: E402
+
 K, TEMPERATURE, NUM_CLASSES = 20, 0.07, 10
 FIXTURE = ROOT / "tests" / "fixtures" / "fmnist"
 POOLINGS = ("cls", "mean", "cls+mean")
@@ -64,17 +68,17 @@ def unit(x: np.ndarray) -> np.ndarray:
 class Features:
     """The directory's fp32 graphs on normalized pixels: /embed's poolings and the classifier's features."""
 
-    def __init__(self, model_dir: Path):
-        spec = json.loads((model_dir / "model.json").read_text())
-        self.mean = np.float32(spec["preprocessing"]["mean"][0])
-        self.std = np.float32(spec["preprocessing"]["std"][0])
-        self.num_patches = spec["architecture"]["num_patches"]
+    def __init__(self, directory: ModelDir):
+        spec = directory.spec
+        self.mean = np.float32(spec.preprocessing.mean[0])
+        self.std = np.float32(spec.preprocessing.std[0])
+        self.num_patches = spec.architecture.num_patches
         options = ort.SessionOptions()
-        self.encoder = ort.InferenceSession(str(model_dir / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
+        self.encoder = ort.InferenceSession(str(directory.path("encoder")), options, providers=["CPUExecutionProvider"])
         self.classifier = None
-        if (spec.get("classifier") or {}).get("features"):
-            self.classifier = ort.InferenceSession(str(model_dir / spec["files"]["classifier"]["fp32"]["path"]),
-                                                   options, providers=["CPUExecutionProvider"])
+        if spec.classifier_features_dim() is not None:
+            self.classifier = ort.InferenceSession(str(directory.path("classifier")), options,
+                                                   providers=["CPUExecutionProvider"])
 
     def __call__(self, images_u8: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
         """images [N, 28, 28] uint8 -> {source: [N, D] unit-norm float32}."""
@@ -93,8 +97,7 @@ class Features:
 
 
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    sys.path.insert(0, str(ROOT))  # run as a script from a source tree; imported here, as it loads torch
-    from training.data import FASHION_MNIST_DIR, read_idx
+    from training.data import FASHION_MNIST_DIR, read_idx  # imported here, as it loads torch
 
     prefix = {"train": "train", "test": "t10k"}[split]
     images = read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")
@@ -115,7 +118,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "model_card" / "knn.json")
     p.add_argument("--record", action="store_true", help="store the figures in the directory's model.json")
     args = p.parse_args()
-    features = Features(args.model_dir)
+    directory = load_model_dir(args.model_dir)
+    features = Features(directory)
     started = time.monotonic()
     (train, y_train), (test, y_test), (fixture, y_fixture) = load_split("train"), load_split("test"), load_fixture()
     f_train, f_test, f_fixture = features(train), features(test), features(fixture)
@@ -129,13 +133,13 @@ def main() -> None:
         print(f"{source:>10}: kNN top-1 {test_top1:.2f}% (test split, train memory), fixture {fixture_top1:.1f}%")
     record = {"protocol": {"k": K, "temperature": TEMPERATURE, "similarity": "cosine", "memory": "fashion-mnist train",
                            "queries": "fashion-mnist test", "fixture": "leave-one-out over tests/fixtures/fmnist"},
-              "model": json.loads((args.model_dir / "model.json").read_text())["name"], "top1": rows}
+              "model": directory.spec.name, "top1": rows}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     if args.record:
-        path = args.model_dir / "model.json"
-        spec = json.loads(path.read_text())
-        spec["training"]["knn"] = {"k": K, "temperature": TEMPERATURE, **rows}
-        path.write_text(json.dumps(spec, indent=2) + "\n")
+        spec = directory.spec
+        knn = Knn.model_validate({"k": K, "temperature": TEMPERATURE, **rows})  # checked before it is written
+        training = spec.training.model_copy(update={"knn": knn})
+        write_model_json(directory.root, spec.model_copy(update={"training": training}))
     print(f"wrote {args.out}" + (f" and {args.model_dir / 'model.json'}" if args.record else ""))
 
 

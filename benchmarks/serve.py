@@ -47,6 +47,10 @@ import onnxruntime as ort
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a source tree that pip has not installed
+
+from model_dir.schema import read_model_json  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
 PROTOCOL_RESULTS = ROOT / "benchmarks" / "results" / "serve_protocols.json"
 CACHE = ROOT / "runs" / "bench-models"
@@ -79,7 +83,6 @@ def random_model_dir(config_name: str, precisions: tuple[str, ...]) -> Path:
     out = CACHE / f"{config_name}-{'-'.join(precisions)}"
     if (out / "model.json").exists():
         return out
-    sys.path.insert(0, str(ROOT))  # run as a script from a source tree that pip has not installed
     import torch
 
     from model import Checkpoint, MaskedAutoencoderViT, get_config
@@ -98,8 +101,8 @@ def random_model_dir(config_name: str, precisions: tuple[str, ...]) -> Path:
 
 def sample_image(model_dir: Path) -> bytes:
     """A request image at the model's input size: a Fashion-MNIST test PNG, or a 224x224 JPEG photo-like noise."""
-    spec = json.loads((model_dir / "model.json").read_text())
-    size, channels = spec["preprocessing"]["crop"], spec["preprocessing"]["channels"]
+    pre = read_model_json(model_dir).preprocessing
+    size, channels = pre.crop, pre.channels
     fixture = ROOT / "tests" / "fixtures" / "fmnist" / "test_00000.png"
     if size == 28 and channels == "L" and fixture.exists():
         return fixture.read_bytes()
@@ -124,9 +127,9 @@ class RawEncoder:
     opened once and reused by the sweep and by every round."""
 
     def __init__(self, model_dir: Path, precision: str, device: str):
-        spec = json.loads((model_dir / "model.json").read_text())
-        self.arch = spec["architecture"]
-        self.path = str(model_dir / spec["files"]["encoder"][precision]["path"])
+        spec = read_model_json(model_dir)
+        self.arch = spec.architecture
+        self.path = str(model_dir / spec.files["encoder"][precision].path)
         self.providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda"
                           else ["CPUExecutionProvider"])
         cores = len(os.sched_getaffinity(0))
@@ -159,8 +162,8 @@ class RawEncoder:
         by_batch: dict[int, float] = {}
         for batch in batches:
             feeds = {"pixels": np.random.default_rng(0).standard_normal(
-                         (batch, a["in_chans"], a["img_size"], a["img_size"])).astype(np.float32),
-                     "ids_keep": np.tile(np.arange(a["num_patches"], dtype=np.int64), (batch, 1))}
+                         (batch, a.in_chans, a.img_size, a.img_size)).astype(np.float32),
+                     "ids_keep": np.tile(np.arange(a.num_patches, dtype=np.int64), (batch, 1))}
             session.run(None, feeds)
             start = time.perf_counter()
             with ThreadPoolExecutor(parallel) as pool:
@@ -414,7 +417,7 @@ def bench_protocols(model_dir: Path, args: argparse.Namespace, work: Path) -> di
     interleaved (order alternating): the cost of the OpenAI-style layer. /embed is sent as JSON base64
     (the same bytes to decode as /v1/embeddings') and, for reference, as multipart."""
     image = sample_image(model_dir)
-    name = json.loads((model_dir / "model.json").read_text())["name"]
+    name = read_model_json(model_dir).name
     encoded = base64.b64encode(image).decode()
     bodies = {"embed_multipart": Body("/embed", work / "embed.multipart"),
               "embed_json": Body("/embed", work / "embed.json", "application/json"),

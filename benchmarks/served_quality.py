@@ -28,13 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.knn_retrieval import load_split  # noqa: E402
 from benchmarks.serve import Server  # noqa: E402
+from model_dir.schema import ModelJson, read_model_json  # noqa: E402
 from service.client import Client  # noqa: E402
 from training.probe import top1, train_head_lbfgs  # noqa: E402
 
 
-def served(url: str, images: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: dict) -> dict:
+def served(url: str, images: dict[str, np.ndarray], labels: dict[str, np.ndarray], spec: ModelJson) -> dict:
     """The classifier's and the probe's test top-1 from what the server at `url` answers."""
-    pooling, l2 = spec["training"]["pooling"], spec["training"]["l2"]
+    probe = spec.training.model_extra or {}  # the probe checkpoint's metrics (training/model_json.py)
+    pooling, l2 = probe["pooling"], probe["l2"]
     with Client(url, timeout=300) as client:
         started = time.monotonic()
         predicted = np.array([p[0].class_id for p in client.classify(list(images["test"]), top_k=1)])
@@ -44,7 +46,7 @@ def served(url: str, images: dict[str, np.ndarray], labels: dict[str, np.ndarray
              for split in ("train", "test")}
         embed_s = time.monotonic() - started
     y = {split: torch.from_numpy(labels[split]) for split in labels}
-    head = train_head_lbfgs(x["train"], y["train"], len(spec["labels"]), l2, seed=0)
+    head = train_head_lbfgs(x["train"], y["train"], len(spec.labels), l2, seed=0)
     return {"classifier_top1": round(float(np.mean(predicted == labels["test"])) * 100, 2),
             "probe_top1": round(top1(head, x["test"], y["test"]), 2),
             "probe": {"pooling": pooling, "l2": l2, "train_images": len(x["train"])},
@@ -57,11 +59,14 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,int8")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "served_quality.json")
     args = p.parse_args()
-    spec = json.loads((args.model_dir / "model.json").read_text())
+    spec = read_model_json(args.model_dir)
     images, labels = {}, {}
     for split in ("train", "test"):
         images[split], labels[split] = load_split(split)
-    recorded = {"classifier_top1": spec["classifier"]["top1"], "probe_top1": round(spec["training"]["probe_top1"], 2)}
+    if spec.classifier is None:
+        raise SystemExit(f"{args.model_dir}: no classifier to measure")
+    recorded = {"classifier_top1": spec.classifier.top1,
+                "probe_top1": round((spec.training.model_extra or {})["probe_top1"], 2)}
     rows = {}
     for precision in args.precisions.split(","):
         server = Server(args.model_dir, "--precision", precision)
@@ -73,7 +78,7 @@ def main() -> None:
         print(f"{precision}: classifier {row['classifier_top1']:.2f}% (model.json {recorded['classifier_top1']}), "
               f"probe on served embeddings {row['probe_top1']:.2f}% (model.json {recorded['probe_top1']})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": spec["name"], "version": spec["version"], "model_json": recorded,
+    args.out.write_text(json.dumps({"model": spec.name, "version": spec.version, "model_json": recorded,
                                     "served": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import http_request, read_response  # noqa: E402
 from benchmarks.serve import BUNDLED, Server, sample_image  # noqa: E402
+from model_dir.schema import read_model_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MAX_BODY_BYTES = 200_000  # the soak server's body limit, so that an over-limit body is cheap to send
@@ -185,7 +186,7 @@ def run(requests: int, every: int, warmup: int, connections: int, leak_bytes: in
     else:
         server = Server(model_dir, env=env)
     try:
-        name = json.loads((model_dir / "model.json").read_text())["name"]
+        name = read_model_json(model_dir).name
         soak = Soak(server.url, requests_mix(server.url, name, sample_image(model_dir)), requests, every, server.proc.pid)
         start_rss = rss_mb(server.proc.pid)
 

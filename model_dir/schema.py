@@ -161,12 +161,34 @@ class ClassifierInfo(_Strict):
     features: bool = False
 
 
+class KnnTop1(_Strict):
+    """Weighted-kNN top-1 (%) of one embedding source: the test split against the train split as memory, and
+    leave-one-out over the test fixture (the figure tests/service/test_default_model.py checks through /embed)."""
+
+    test_top1: float = Field(ge=0, le=100)
+    fixture_top1: float = Field(ge=0, le=100)
+
+
+class Knn(_Strict):
+    """Retrieval figures benchmarks/knn_retrieval.py measured: the vote's k and temperature, and the top-1 of
+    each /embed pooling and of the classifier's features, where measured."""
+
+    model_config = ConfigDict(serialize_by_alias=True)  # the pooling is `cls+mean` on disk and in /info
+    k: int = Field(gt=0)
+    temperature: float = Field(gt=0)
+    cls: KnnTop1 | None = None
+    mean: KnnTop1 | None = None
+    cls_mean: KnnTop1 | None = Field(None, alias="cls+mean")
+    classifier: KnnTop1 | None = None
+
+
 class Training(BaseModel):
-    """Facts from training: dataset and epochs, plus whatever metrics the checkpoints carried."""
+    """Facts from training: dataset, epochs and kNN figures, plus whatever metrics the checkpoints carried."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     dataset: str | None = None
     epochs: int | None = None
+    knn: Knn | None = None
 
 
 class VerificationRow(_Strict):

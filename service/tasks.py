@@ -18,13 +18,13 @@ import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, get_args
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
 
 from model_dir.reconstruction import Reconstruction, panel, panel_row, reconstruct, to_uint8
-from model_dir.schema import ModelDir, Pooling
+from model_dir.schema import ModelDir
 from service.engine import Engine
 from service.errors import InvalidOption
 from service.imaging import ModelImage, encode_png
@@ -256,14 +256,14 @@ class EmbedTask(Task[EmbedOptions, EmbedJob, Embeddings]):
     def sources(self) -> dict[str, dict[str, Any]]:
         """/info's embedding sources: each one's size and the kNN figures benchmarks/knn_retrieval.py recorded
         in model.json (training.knn), where there are some."""
-        knn: dict[str, Any] = getattr(self.spec.training, "knn", None) or {}
-        protocol = {k: knn[k] for k in ("k", "temperature") if k in knn}
+        knn = self.spec.training.knn
         sources: dict[str, dict[str, Any]] = {"encoder": {
             "dim": self.spec.embedding.dim, "default_pooling": self.spec.embedding.default_pooling,
-            "knn": {**protocol, **{p: knn[p] for p in get_args(Pooling) if p in knn}} if knn else None}}
+            "knn": knn.model_dump(exclude={"classifier"}, exclude_none=True) if knn else None}}
         if self.features_dim is not None:
-            sources["classifier"] = {"dim": self.features_dim,
-                                     "knn": {**protocol, **knn["classifier"]} if "classifier" in knn else None}
+            figures = knn.classifier if knn else None
+            sources["classifier"] = {"dim": self.features_dim, "knn": None if figures is None else {
+                "k": knn.k, "temperature": knn.temperature, **figures.model_dump()}}
         return sources
 
     def run_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:

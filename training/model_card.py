@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from model import Checkpoint
+from model_dir.schema import read_model_json
 from training.data import build_dataset
 from training.figures import line_plot, reconstruction_grid
 
@@ -76,7 +77,7 @@ def main() -> None:
     imgs = torch.stack([test[i][0] for i in range(8)])
     reconstruction_grid(mae, imgs, data["mean"], data["std"], (0.5, 0.75, 0.9), args.out / "reconstructions.png")
 
-    model_json = json.loads((args.model_dir / "model.json").read_text())
+    classifier = read_model_json(args.model_dir).classifier
     summary = {
         "pretrain_epochs": prior + len(pre),
         "pretrain_prior_epochs": prior,
@@ -86,7 +87,7 @@ def main() -> None:
         "finetune_seconds": round(sum(r.get("epoch_seconds", 0) for r in fine.values())),
         "probe": probe_ckpt.classifier.metrics,
         "finetune_top1": list(fine.values())[-1].get("test_top1") if fine else None,
-        "classifier": model_json.get("classifier"),
+        "classifier": classifier and classifier.model_dump(mode="json"),
         "model_dir_bytes": sum(f.stat().st_size for f in args.model_dir.iterdir()),
     }
     cache = probe_ckpt.args.get("feature_cache")

@@ -10,7 +10,7 @@ import pytest
 from service_helpers import ROOT, make_client
 
 from benchmarks.knn_retrieval import weighted_knn
-from model_dir.schema import load_model_dir
+from model_dir.schema import MODEL_JSON, Knn, ModelDirError, load_model_dir
 from service.settings import BUNDLED_MODEL_DIR
 
 FIXTURE = ROOT / "tests" / "fixtures" / "fmnist"
@@ -41,6 +41,25 @@ def test_bundled_directory_passes_the_loader_checks():
     assert spec.architecture.img_size == 28 and spec.architecture.in_chans == 1
     assert model_dir.has("decoder") and model_dir.has("classifier")
     assert sum(f.stat().st_size for f in Path(BUNDLED_MODEL_DIR).iterdir()) <= 30_000_000
+
+
+def test_its_knn_figures_load_typed_and_as_recorded():
+    knn = load_model_dir(BUNDLED_MODEL_DIR).spec.training.knn
+    assert isinstance(knn, Knn) and knn.k == 20 and knn.cls_mean is not None and knn.classifier is not None
+    assert knn.model_dump() == json.loads((Path(BUNDLED_MODEL_DIR) / MODEL_JSON).read_text())["training"]["knn"]
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda knn: knn.update(k="twenty"), r"training\.knn\.k: Input should be a valid integer"),
+    (lambda knn: knn["cls+mean"].pop("fixture_top1"), r"training\.knn\.cls\+mean\.fixture_top1: Field required"),
+    (lambda knn: knn.update(cls_mean=knn["cls+mean"]), r"training\.knn\.cls_mean: Extra inputs"),
+])
+def test_a_malformed_knn_record_is_refused(tmp_path, edit, problem):
+    raw = json.loads((Path(BUNDLED_MODEL_DIR) / MODEL_JSON).read_text())
+    edit(raw["training"]["knn"])
+    (tmp_path / MODEL_JSON).write_text(json.dumps(raw))
+    with pytest.raises(ModelDirError, match=problem):
+        load_model_dir(tmp_path)  # refused on model.json, before any file is looked for
 
 
 def test_server_starts_on_it_and_reports_the_model(client):
