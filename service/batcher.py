@@ -106,8 +106,9 @@ class BatchQueue:
 
     def __init__(self, name: str, run_batch: RunBatch, executor: Executor, *, max_batch_size: int, max_delay_s: float,
                  max_queue: int, observer: BatchObserver | None = None, slots: Slots | None = None,
-                 inline_max_s: float = 0.0):
+                 inline_max_s: float = 0.0, share_idle_slots: bool = True):
         self.name, self.run_batch, self.executor = name, run_batch, executor
+        self.share_idle_slots = share_idle_slots  # see _worker
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.inline_max_s = inline_max_s  # see _inline
         self.observer = observer or BatchObserver()
@@ -209,8 +210,9 @@ class BatchQueue:
                 await self._wakeup.wait()
             await self.slots.acquire()  # items keep arriving while every slot is busy: the batch grows
             limit = self.max_batch_size
-            if self.slots.free:  # share the waiting items (and those on their way) out among the idle slots:
-                # two half batches side by side finish sooner than one full batch next to an idle slot
+            if self.share_idle_slots and self.slots.free:  # share the waiting items (and those on their way) out
+                # among the idle slots: on a CPU two half batches side by side finish sooner than one full batch
+                # next to an idle slot (a GPU computes one batch at a time, and a full one best)
                 waiting = len(self.pending) + self.reserved
                 limit = min(limit, max(1, math.ceil(waiting / (self.slots.free + 1))))
             batch: list[_Item] = []
@@ -350,8 +352,9 @@ class Batcher:
     `tasks.QueueKey`, graphs and K); `label` names a queue in the observer's metrics."""
 
     def __init__(self, executor: Executor, *, max_batch_size: int, max_delay_s: float, max_queue: int,
-                 observer: BatchObserver | None = None, concurrency: int = 1, inline_max_s: float = 0.0):
-        self.executor, self.inline_max_s = executor, inline_max_s
+                 observer: BatchObserver | None = None, concurrency: int = 1, inline_max_s: float = 0.0,
+                 share_idle_slots: bool = True):
+        self.executor, self.inline_max_s, self.share_idle_slots = executor, inline_max_s, share_idle_slots
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.observer = observer
         self.slots = Slots(concurrency)  # the executor should have at least this many threads
@@ -365,7 +368,7 @@ class Batcher:
             self.queues[key] = BatchQueue(label or str(key), run_batch, self.executor,
                                           max_batch_size=self.max_batch_size, max_delay_s=self.max_delay_s,
                                           max_queue=self.max_queue, observer=self.observer, slots=self.slots,
-                                          inline_max_s=self.inline_max_s)
+                                          inline_max_s=self.inline_max_s, share_idle_slots=self.share_idle_slots)
         return self.queues[key]
 
     def wedged(self, min_s: float, factor: float) -> str | None:

@@ -27,7 +27,8 @@ log = logging.getLogger("service.engine")
 ENGINES = ("onnxruntime", "torch")
 WARMUP_MASK_RATIO = 0.75
 
-RunObserver = Callable[[str, int, float], None]  # (graph, batch size, seconds) after each engine call
+# (graph, batch size, seconds, bytes of the outputs returned to the host) after each engine call
+RunObserver = Callable[[str, int, float, int], None]
 DeviceObserver = Callable[[str, str], None]  # (the device that failed, why) after a device failure
 FAILOVER = ("unready", "cpu")  # what a device failure after start-up does: report not-ready, or move to the CPU
 
@@ -74,6 +75,7 @@ class Engine(ABC):
     lone_threads: int = 0  # threads of a batch that runs alone (0: no separate mode)
     self_check: dict[str, Any] | None = None  # the startup self-check's report, when one ran
     device_failure: str | None = None  # why the device stopped working after start-up (None: it works)
+    max_batch: int = 32  # the largest batch the batcher sends (set by the server; a device warms up every size)
 
     def __init__(self, model_dir: ModelDir, on_run: RunObserver | None, failover: str = "unready"):
         if failover not in FAILOVER:
@@ -143,14 +145,20 @@ class Engine(ABC):
             if self.has("classifier"):
                 self.classify(pixels, alone=alone)
 
+    def checked_precision(self, graph: str) -> str:
+        """The precision whose gate the self-check applies to the graph: its precision, unless the device computes
+        it in another (TensorRT's fp32 in TF32)."""
+        return self.precision(graph)
+
     def run_self_checks(self, arrays: dict[str, np.ndarray], run: self_check.RunGraph) -> list[self_check.CheckResult]:
         """The stored self-check cases that apply to the loaded graphs, run through `run`."""
-        results = [self_check.check_encoder(arrays, self.precision("encoder"), run)]
+        precision = self.checked_precision
+        results = [self_check.check_encoder(arrays, precision("encoder"), run)]
         if self.has("decoder") and self_check.keeps(arrays) and f"pred_{self_check.keeps(arrays)[0]}" in arrays:
-            reduced = [self.precision(g) for g in ("decoder", "encoder") if self.precision(g) != "fp32"]
+            reduced = [precision(g) for g in ("decoder", "encoder") if precision(g) != "fp32"]
             results.append(self_check.check_chain(arrays, (reduced or ["fp32"])[0], run))
         if self.has("classifier") and "logits" in arrays:
-            results.append(self_check.check_classifier(arrays, self.precision("classifier"), run))
+            results.append(self_check.check_classifier(arrays, precision("classifier"), run))
         if self.has("classifier") and "features" in arrays and self.model_dir.spec.classifier_features_dim():
-            results.append(self_check.check_features(arrays, self.precision("classifier"), run))
+            results.append(self_check.check_features(arrays, precision("classifier"), run))
         return results

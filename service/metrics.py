@@ -54,6 +54,11 @@ class Metrics(BatchObserver):
         self.ort_runs = Counter("mae_ort_runs", "ONNX Runtime session runs by graph", ["graph"], registry=r)
         self.inference_seconds = Histogram("mae_inference_duration_seconds", "ONNX Runtime run duration by graph",
                                            ["graph"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.output_bytes = Counter("mae_engine_output_bytes", "bytes of the engine's outputs returned to the host "
+                                    "(copied from the device where it runs on one), by graph", ["graph"], registry=r)
+        self.device_failures = Counter("mae_device_failures", "device errors under a call after start-up (the "
+                                       "engine then reports not-ready, or moved to the CPU), by the device that "
+                                       "failed", ["device"], registry=r)
         self.info = Gauge("mae_model_info", "the loaded model (value 1)", ["name", "version", "device", "precision"],
                           registry=r, multiprocess_mode="max")
 
@@ -73,9 +78,10 @@ class Metrics(BatchObserver):
         self.cancelled_images.labels(queue).inc(count)
 
     # engine observer
-    def ort_run(self, graph: str, batch: int, seconds: float) -> None:
+    def ort_run(self, graph: str, batch: int, seconds: float, output_bytes: int = 0) -> None:
         self.ort_runs.labels(graph).inc()
         self.inference_seconds.labels(graph).observe(seconds)
+        self.output_bytes.labels(graph).inc(output_bytes)
 
     def request_counts(self) -> dict[str, dict[str, int]]:
         """This process's requests so far, {route: {status: count}} (the shutdown log line)."""

@@ -105,7 +105,8 @@ async def info(request: Request) -> dict[str, Any]:
         "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
                      "inference_threads": s.inference_threads, "ort_threads_per_call": s.ort_threads_per_call(),
                      "max_queue": s.max_queue, "max_waiting": s.max_waiting, "queue_full_status": s.queue_full_status,
-                     "request_timeout_s": s.request_timeout_s},
+                     "request_timeout_s": s.request_timeout_s, "share_idle_slots": s.share_idle_slots,
+                     "decode_threads": s.decode_threads, "device_defaults": server.device_defaults},
         "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
                    "max_image_pixels": s.max_image_pixels},
         "auth": bool(s.api_keys),
@@ -133,8 +134,7 @@ async def ready(request: Request) -> Response:
     server = _server(request)
     if server.ready:
         return JSONResponse({"status": "ready"})
-    reason = f"warm-up failed: {server.warmup_error}" if server.warmup_error else "warming up"
-    return error_response(503, NotReady.type, reason, {"Retry-After": "1"})
+    return error_response(503, NotReady.type, server.not_ready_reason(), {"Retry-After": "1"})
 
 
 @open_router.get("/metrics", response_class=PlainTextResponse, responses={200: {

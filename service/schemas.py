@@ -168,6 +168,11 @@ class InfoBatching(BaseModel):
     max_waiting: int
     queue_full_status: int
     request_timeout_s: float
+    share_idle_slots: bool
+    decode_threads: int
+    device_defaults: list[str] = Field(description="the settings above that the device's defaults chose (a GPU's: "
+                                       "bigger, full batches, a longer queue, more decode threads); the rest are "
+                                       "the CPU defaults or set explicitly")
 
 
 class InfoLimits(BaseModel):

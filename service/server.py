@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 
 from model_dir.schema import ModelDir, ModelDirError, load_model_dir
 from service.batcher import Batcher, BatchQueue, BatchTiming, DeadlineExpired, QueueClosed, QueueFull, RunBatch
-from service.engine import Engine, RunObserver, RuntimeConfigError
+from service.engine import DeviceFailed, Engine, RunObserver, RuntimeConfigError
 from service.errors import (
     DeadlineExceeded,
     InvalidImage,
@@ -67,7 +67,8 @@ def open_engine(model_dir: ModelDir, settings: Settings, on_run: RunObserver | N
     return OnnxRuntimeEngine(model_dir, device=settings.device, precision=settings.precision,
                              intra_op_threads=settings.ort_threads_per_call(), spinning=settings.ort_spinning,
                              on_run=on_run, lone_threads=settings.lone_batch_threads(),
-                             self_check_policy=settings.self_check, failover=settings.device_failover)
+                             self_check_policy=settings.self_check, failover=settings.device_failover,
+                             max_batch=settings.max_batch_size, trt_cache_dir=settings.trt_cache_dir.expanduser())
 
 
 class Server:
@@ -80,14 +81,41 @@ class Server:
                                 "pass --model-dir or set MAE_MODEL_DIR to a directory written by mae-export")
         self.model_dir = load_model_dir(settings.model_dir, verify_hashes=settings.verify_hashes)
         self.metrics = Metrics()
-        self.engine = open_engine(self.model_dir, settings, on_run=self.metrics.ort_run)
+        # a GPU asked for by name gets the GPU defaults before the engine opens (TensorRT's profile needs the
+        # batch size); one that `auto` found, once it is open
+        self.engine = open_engine(self.model_dir, settings.for_device(settings.device), on_run=self.metrics.ort_run)
+        self.device_defaults = sorted(settings.device_defaults(self.engine.device))  # for /info
+        self.settings = settings = settings.for_device(self.engine.device)
+        self.engine.max_batch = settings.max_batch_size  # warm-up covers every batch size the batcher sends
+        self.engine.on_device_failure = self._device_failed
         self.tasks = Tasks.open(model_dir=self.model_dir, engine=self.engine)
-        self.ready = False
+        self.warmed_up = False
         self.warmup_error: str | None = None
         self.batcher: Batcher | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
-        self.metrics.info.labels(self.model_dir.spec.name, self.model_dir.spec.version, self.engine.device,
+        self._model_info(self.engine.device)
+
+    def _model_info(self, device: str) -> None:
+        self.metrics.info.clear()
+        self.metrics.info.labels(self.model_dir.spec.name, self.model_dir.spec.version, device,
                                  self.engine.precision("encoder")).set(1)
+
+    def _device_failed(self, device: str, reason: str) -> None:
+        """The engine's device failed under a call (an inference thread): count it; with failover the engine
+        goes on on the CPU, which the model-info metric says from now on."""
+        self.metrics.device_failures.labels(device).inc()
+        if self.engine.failover == "cpu":
+            self._model_info("cpu")
+
+    @property
+    def ready(self) -> bool:
+        """Warmed up, and the device has not failed since."""
+        return self.warmed_up and self.engine.device_failure is None
+
+    def not_ready_reason(self) -> str:
+        if self.engine.device_failure:
+            return self.engine.device_failure
+        return f"warm-up failed: {self.warmup_error}" if self.warmup_error else "warming up"
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -96,7 +124,7 @@ class Server:
         self.decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="mae-decode")
         self.batcher = Batcher(inference_pool, max_batch_size=s.max_batch_size, max_delay_s=s.max_batch_delay_ms / 1000,
                                max_queue=s.max_queue, observer=self.metrics, concurrency=s.inference_threads,
-                               inline_max_s=s.lone_batch_inline_ms / 1000)
+                               inline_max_s=s.lone_batch_inline_ms / 1000, share_idle_slots=s.share_idle_slots)
         started = time.monotonic()
         warm_up = asyncio.get_running_loop().run_in_executor(inference_pool, self.engine.warm_up)
         warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
@@ -121,7 +149,7 @@ class Server:
             self.warmup_error = repr(future.exception()) if not future.cancelled() else "cancelled"
             log.error("warm-up failed, staying unready: %s", self.warmup_error)
             return
-        self.ready = True
+        self.warmed_up = True
         log.info("warm-up done in %.2f s; providers in use: %s", seconds,
                  {g: d["providers"] for g, d in self.engine.describe()["graphs"].items()})
 
@@ -178,6 +206,8 @@ class Server:
             raise NotReady(str(e), {"Retry-After": "1"}) from e
         except DeadlineExpired as e:
             raise DeadlineExceeded(f"{e} (request timeout {self.settings.request_timeout_s} s)") from e
+        except DeviceFailed as e:
+            raise NotReady(str(e), {"Retry-After": "1"}) from e
         route = request.scope.get("route")
         self.metrics.images.labels(getattr(route, "path", request.url.path)).inc(len(images))
         if task.heavy_result:

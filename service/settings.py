@@ -19,6 +19,13 @@ def _split_list(value: object) -> object:
     return value
 
 
+GPU_DEVICES = ("cuda", "tensorrt")
+# A GPU's defaults (Settings.for_device), where the CPU's are sized for a few cores: batches of up to 64 (a ViT-B/16
+# batch of 64 keeps a large GPU busy for ~10-30 ms in fp16, where its throughput levels off), every batch full
+# (no half batches for idle threads: the GPU runs one batch at a time), room for 16 batches in the queue, and the
+# decode pool on most of the cores (decoding, not the GPU, limits images/s then; set by for_device).
+GPU_DEFAULTS = {"max_batch_size": 64, "max_queue": 1024, "share_idle_slots": False}
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -89,8 +96,11 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
         "fp32", description="onnxruntime: the graph variant to load (fp32, fp16, int8; a graph without it falls back "
         "to fp32); torch: fp32, or bf16 / fp16 (CUDA) autocast")
-    torch_compile: bool = Field(False, description="torch engine: torch.compile the graphs (compiled at warm-up and "
-                                "again for new batch shapes)")
+    torch_compile: bool = Field(
+        False, description="torch engine: torch.compile the graphs at warm-up, every graph at each batch bucket (the "
+        "powers of two below MAE_MAX_BATCH_SIZE, and it; a batch is padded up to its bucket), the encoder for the "
+        "full image and for mask ratio 0.75; other shapes (another mask ratio) run eager, nothing compiles inside a "
+        "request. Needs a C compiler (CUDA: $CC, gcc or clang, for Triton) or C++ compiler (CPU: $CXX or g++)")
     intra_op_threads: int = Field(
         0, ge=0, description="engine threads per call (0: the usable cores shared out among the inference threads)")
     ort_spinning: bool = Field(
@@ -134,6 +144,13 @@ class Settings(BaseSettings):
         "an engine call that stalls there stalls the whole server (no liveness answer, no 503, no cancellation) "
         "(0: never)")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and encoding PNGs")
+    share_idle_slots: bool = Field(
+        True, description="a batch that forms while other inference threads are idle takes only its share of the "
+        "waiting images, so that the idle threads start too (a CPU: two half batches side by side finish sooner "
+        "than one full batch); off: every batch fills up to MAE_MAX_BATCH_SIZE (a GPU's default)")
+    trt_cache_dir: Path = Field(
+        Path("~/.cache/mae-service/tensorrt"), description="device tensorrt: where TensorRT's engines and timing "
+        "caches are kept (the first start builds them, later ones load them; a volume keeps them across restarts)")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413)")
     max_drain_bytes: int = Field(
@@ -156,6 +173,18 @@ class Settings(BaseSettings):
         "its queue's average batch: the engine is wedged and the process should be restarted")
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
+
+    def device_defaults(self, device: str) -> dict[str, object]:
+        """The defaults `device` changes: on a GPU (cuda, tensorrt) GPU_DEFAULTS and the decode threads, less the
+        settings given explicitly (environment, flag or argument); nothing on a CPU."""
+        if device not in GPU_DEVICES:
+            return {}
+        gpu = {**GPU_DEFAULTS, "decode_threads": min(8, max(2, usable_cores() - 1))}
+        return {k: v for k, v in gpu.items() if k not in self.model_fields_set}
+
+    def for_device(self, device: str) -> Settings:
+        """These settings with `device`'s defaults (device_defaults)."""
+        return self.model_copy(update=self.device_defaults(device))
 
     def ort_threads_per_call(self) -> int:
         """intra_op_threads, or when 0 the cores this process may use divided among the inference threads."""

@@ -320,7 +320,7 @@ def test_oip_readiness_follows_the_server(tiny_model_dir: Path) -> None:
 
     with make_client(tiny_model_dir) as client:
         server = client.app.state.server
-        server.ready = False
+        server.warmed_up = False
         try:
             r = client.get("/v2/health/ready")
             assert r.status_code == 503 and r.json() == {"ready": False}
@@ -328,5 +328,5 @@ def test_oip_readiness_follows_the_server(tiny_model_dir: Path) -> None:
             assert r.status_code == 503 and r.json() == {"name": "mae-test-embed", "ready": False}
             assert client.get("/v2/health/live").json() == {"live": True}
         finally:
-            server.ready = True
+            server.warmed_up = True
         assert client.get("/v2/models/mae-test-embed/ready").json() == {"name": "mae-test-embed", "ready": True}

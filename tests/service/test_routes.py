@@ -15,7 +15,7 @@ from PIL import Image
 from service_helpers import encode, gradient, make_client, metric, sample_png
 
 from model_dir.schema import ModelDirError
-from service.engine_onnxruntime import OnnxRuntimeEngineConfigError
+from service.engine_onnxruntime import RuntimeConfigError
 from service.settings import Settings
 
 
