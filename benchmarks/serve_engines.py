@@ -5,9 +5,10 @@ started (its own cores when the host has 8 or more: the load generator, benchmar
 pinned to the last quarter), warmed up at the top concurrency, then loaded at each concurrency.
 Mean batch comes from the server's /metrics, GPU utilisation from `nvidia-smi dmon` sampled during
 the run, and the ratio divides the server's img/s at the top concurrency by the raw engine's best
-(benchmarks/engines_raw.py's file, same configuration). The served precision is read from /info.
+(benchmarks/engines_raw.py's file, same configuration). The served precision is read from /info. Each
+row's result (or error, or skip when `--budget-s` has no room left for it) is written as soon as it is known.
 
-    python benchmarks/serve_engines.py --device cuda --raw results/raw.json --out results/serve.json
+    python benchmarks/serve_engines.py --device cuda --raw results/raw.json --budget-s 260 --out results/serve.json
     python benchmarks/serve_engines.py --device cpu --models default --smoke --raw raw.json --out serve.json
 """
 
@@ -27,12 +28,24 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engines_raw import model_dirs, parse_config, versions  # noqa: E402
+from benchmarks.engines_raw import (  # noqa: E402
+    MODELS,
+    Budget,
+    ModelSource,
+    Row,
+    config_label,
+    model_sources,
+    parse_config,
+    run_rows,
+    status,
+    versions,
+)
 from benchmarks.loadgen import client_cores, run_load  # noqa: E402
 from benchmarks.serve import BOUNDARY, Server, multipart, sample_image  # noqa: E402
 
 GPU_CONFIGS = "onnxruntime:fp16,torch:bf16"
 CPU_CONFIGS = "onnxruntime:fp32,torch:fp32"
+START_S = 30.0  # a row's guess at starting a server (engine open, self-check, warm-up) and stopping it
 
 
 def log(message: str) -> None:
@@ -65,8 +78,11 @@ def served_precision(server: Server) -> dict[str, Any]:
             "providers": encoder["providers"]}
 
 
-def bench(label: str, model_dir: Path, config: dict[str, Any], args: argparse.Namespace, body: bytes,
-          raw: dict[str, Any] | None) -> dict[str, Any]:
+def bench(source: ModelSource, config: dict[str, Any], args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+    """One configuration on one model: a server started, warmed up and loaded at each concurrency."""
+    model_dir = source.path(budget)
+    body = multipart(sample_image(model_dir))
+    raw = raw_row(args.raw, source.label, config)
     flags = ["--engine", config["engine"], "--precision", config["precision"], "--device", args.device,
              "--max-batch-size", str(args.max_batch_size), "--max-queue", str(4 * max(args.concurrency)),
              *(["--torch-compile"] if config["torch_compile"] else []), *args.server_flags.split()]
@@ -75,7 +91,7 @@ def bench(label: str, model_dir: Path, config: dict[str, Any], args: argparse.Na
     server = Server(model_dir, *flags)
     try:
         info = served_precision(server)
-        log(f"{label} {config}: serving {info}")
+        log(f"  serving {info}")
         run_load(server.url, "/embed", body, content_type, max(args.concurrency), args.warmup, cores)  # compiles, allocates
         server.drain()
         runs = []
@@ -93,7 +109,7 @@ def bench(label: str, model_dir: Path, config: dict[str, Any], args: argparse.Na
     finally:
         server.stop()
     top = runs[-1]
-    return {"model": label, **config, "served": info, "server_flags": flags, "client_cores": list(cores),
+    return {"served": info, "server_flags": flags, "client_cores": list(cores),
             "runs": runs, "raw_img_per_s": raw and raw["img_per_s"], "raw_best_batch": raw and raw["best_batch"],
             f"server_over_raw_c{top['concurrency']}": raw and top["img_per_s"] / raw["img_per_s"]}
 
@@ -102,7 +118,7 @@ def raw_row(raw_file: Path | None, label: str, config: dict[str, Any]) -> dict[s
     if raw_file is None or not raw_file.exists():
         return None
     rows = json.loads(raw_file.read_text())["results"]
-    return next((r for r in rows if r["model"] == label and "skipped" not in r
+    return next((r for r in rows if r["model"] == label and "img_per_s" in r
                  and all(r[k] == config[k] for k in ("engine", "precision", "torch_compile"))), None)
 
 
@@ -110,6 +126,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| model | engine | precision (served) | c | img/s | p50 ms | p99 ms | mean batch | GPU util % | "
              "server/raw | errors |", "|" + "---|" * 11]
     for r in results:
+        if "runs" not in r:
+            lines.append(f"| {r['model']} | {r['engine']}{' compiled' if r['torch_compile'] else ''} | "
+                         f"{r['precision']} | {status(r)[:80]} |" + " |" * 7)
+            continue
         ratio_key = next(k for k in r if k.startswith("server_over_raw"))
         for x in r["runs"]:
             top = x is r["runs"][-1]
@@ -125,7 +145,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--models", default="default,vitb")
+    p.add_argument("--models", default="default,vitb", type=model_sources, help=f"of {', '.join(MODELS)}")
     p.add_argument("--configs", default=None, help=f"engine:precision[:compile],... (cuda: {GPU_CONFIGS}; "
                    f"cpu: {CPU_CONFIGS})")
     p.add_argument("--concurrency", default="1,64,256", type=lambda s: [int(x) for x in s.split(",")])
@@ -135,6 +155,8 @@ def main() -> None:
     p.add_argument("--server-flags", default="", help="more mae-serve flags for every server")
     p.add_argument("--raw", type=Path, default=None, help="benchmarks/engines_raw.py's output, for the ratios")
     p.add_argument("--smoke", action="store_true", help="tiny counts (c=1,4; 1 s): checks the script runs")
+    p.add_argument("--budget-s", type=float, default=None, help="seconds for all rows: a row that would not fit "
+                   "in what is left is skipped")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.smoke:
@@ -145,20 +167,16 @@ def main() -> None:
         os.sched_setaffinity(0, set(os.sched_getaffinity(0)) - set(args.client_cores))
     configs = [parse_config(c) for c in (args.configs or (GPU_CONFIGS if args.device == "cuda" else CPU_CONFIGS))
                .split(",")]
-    results = []
-    for label, model_dir in model_dirs(args.models.split(",")).items():
-        body = multipart(sample_image(model_dir))
-        for config in configs:
-            try:
-                results.append(bench(label, model_dir, config, args, body, raw_row(args.raw, label, config)))
-            except RuntimeError as e:  # a server that cannot start here (no CUDA provider, no torch)
-                log(f"{label} {config}: skipped: {e}")
+    budget = Budget(args.budget_s)
+    row_s = args.warmup + len(args.concurrency) * args.seconds + START_S
+    rows = [Row(f"{source.label} {config_label(config)}", {"model": source.label, **config}, row_s,
+                lambda source=source, config=config: bench(source, config, args, budget))
+            for source in args.models for config in configs]
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": args.device, "cpu_count": os.cpu_count(),
               "smoke": args.smoke, "load_generator": "benchmarks/loadgen.py (asyncio keep-alive sockets, "
               "pre-encoded multipart body, one process per client core)", "seconds_per_run": args.seconds,
-              "versions": versions(), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+              "versions": versions()}
+    results = run_rows(rows, report, args.out, budget, log)
     print(markdown(results))
     log(f"wrote {args.out}")
 
