@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
@@ -180,6 +189,11 @@ class Knn(_Strict):
     mean: KnnTop1 | None = None
     cls_mean: KnnTop1 | None = Field(None, alias="cls+mean")
     classifier: KnnTop1 | None = None
+
+    @model_serializer(mode="wrap")
+    def _measured_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """What was measured: a source without figures is left out (model.json, /info), not written as null."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class Training(BaseModel):

@@ -198,7 +198,12 @@ class OnnxRuntimeEngine(Engine):
         super().__init__(model_dir, on_run, failover)
         self.max_batch, self.trt_cache_dir = max_batch, trt_cache_dir
         if device == "tensorrt" and trt_cache_dir is not None:
-            trt_cache_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                trt_cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a read-only root filesystem without a volume there: serve, and say what it costs
+                log.warning("TensorRT cache %s cannot be created (%s): engines are built at every start; mount a "
+                            "writable volume there or set MAE_TRT_CACHE_DIR", trt_cache_dir, e)
+                self.trt_cache_dir = None
         self.cuda_libraries = preload_cuda() if _wants_cuda(device) else []
         if device in ("cuda", "tensorrt"):
             need = CUDA if device == "cuda" else TENSORRT

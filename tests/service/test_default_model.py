@@ -47,6 +47,8 @@ def test_its_knn_figures_load_typed_and_as_recorded():
     knn = load_model_dir(BUNDLED_MODEL_DIR).spec.training.knn
     assert isinstance(knn, Knn) and knn.k == 20 and knn.cls_mean is not None and knn.classifier is not None
     assert knn.model_dump() == json.loads((Path(BUNDLED_MODEL_DIR) / MODEL_JSON).read_text())["training"]["knn"]
+    partial = Knn.model_validate({"k": 20, "temperature": 0.07, "cls": {"test_top1": 80, "fixture_top1": 60}})
+    assert set(partial.model_dump()) == {"k", "temperature", "cls"}  # a source not measured is left out, not null
 
 
 @pytest.mark.parametrize(("edit", "problem"), [
