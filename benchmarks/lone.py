@@ -29,8 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.overload import worktree  # noqa: E402
-from benchmarks.serve import BOUNDARY, BUNDLED, Server, multipart, sample_image  # noqa: E402
+from benchmarks.serve import BOUNDARY, BUNDLED, Server, multipart, sample_image, worktree  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "lone.json"
 

@@ -34,10 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import client_cores, run_load, run_open_loop  # noqa: E402
-from benchmarks.serve import BUNDLED, Server, cpu_seconds, sample_image  # noqa: E402
+from benchmarks.serve import BUNDLED, Server, cpu_seconds, sample_image, worktree  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "overload.json"
-WORKTREES = ROOT / "runs" / "worktrees"
 STORMS = (256, 512)
 OPEN_FACTORS = (2, 5)
 REFUSAL_ENV = {"MAE_MAX_QUEUE": "16", "MAE_MAX_WAITING": "0"}  # an earlier commit ignores what it does not know
@@ -45,18 +44,6 @@ REFUSAL_ENV = {"MAE_MAX_QUEUE": "16", "MAE_MAX_WAITING": "0"}  # an earlier comm
 
 def log(message: str) -> None:
     print(f"overload: {message}", file=sys.stderr, flush=True)
-
-
-def worktree(commit: str) -> Path:
-    """A checkout of `commit` under runs/worktrees (the bundled model is tracked, so it is there too)."""
-    sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.strip()
-    path = WORKTREES / sha
-    if not path.is_dir():
-        WORKTREES.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=ROOT, check=True,
-                       capture_output=True)
-    return path
 
 
 def measured(server: Server, load: Any) -> dict[str, Any]:

@@ -55,6 +55,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
 PROTOCOL_RESULTS = ROOT / "benchmarks" / "results" / "serve_protocols.json"
 CACHE = ROOT / "runs" / "bench-models"
 BUNDLED = ROOT / "service" / "default_model"
+WORKTREES = ROOT / "runs" / "worktrees"
 BOUNDARY = "maebenchboundary"
 WRK_SCRIPT = """
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
@@ -212,6 +213,18 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return total
 
 
+def worktree(commit: str) -> Path:
+    """A checkout of `commit` under runs/worktrees (the bundled model is tracked, so it is there too)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    path = WORKTREES / sha
+    if not path.is_dir():
+        WORKTREES.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    return path
+
+
 class Server:
     """`python -m service` in its own process on a free port, or (`plain`) benchmarks/plain_server.py."""
 
@@ -250,16 +263,18 @@ class Server:
         except OSError:
             return False
 
-    def batch_stats(self) -> tuple[float, float]:
-        """(sum, count) of the encoder queue's batch-size histogram (one image per call on the plain server)."""
+    def batch_stats(self) -> tuple[float, float, float | None]:
+        """(sum, count) of the encoder queue's batch-size histogram (one image per call on the plain server), and
+        the bytes the engine returned for the encoder graph (None where the server has no such metric)."""
         import urllib.request
         if self.plain:
-            return 0.0, 0.0
+            return 0.0, 0.0, None
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
             text = r.read().decode()
         found = {m.group(1): float(m.group(2)) for m in
                  re.finditer(r'^mae_batch_size_(sum|count)\{queue="encoder"\} (\S+)$', text, re.MULTILINE)}
-        return found.get("sum", 0.0), found.get("count", 0.0)
+        copied = re.search(r'^mae_engine_output_bytes_total\{graph="encoder"\} (\S+)$', text, re.MULTILINE)
+        return found.get("sum", 0.0), found.get("count", 0.0), float(copied.group(1)) if copied else None
 
     def drain(self, timeout: float = 300.0) -> None:
         """Wait until requests left over by a finished load run (closed connections) have been computed."""
@@ -313,15 +328,17 @@ def measure(server: Server, body: Body, script: Path, concurrency: int, seconds:
     """One wrk run against a server, with its CPU share (all its processes) and the mean batch size it ran
     (from /metrics, which adds up every worker's when there are several)."""
     server.drain()
-    s0, n0 = server.batch_stats()
+    s0, n0, b0 = server.batch_stats()
     pid = server.proc.pid
     cpu0, loop0 = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
     run = wrk(server.url, body, script, concurrency, seconds)
     run["server_cpu_pct"] = 100 * (cpu_seconds(pid) - cpu0) / run["wall_s"]
     run["event_loop_cpu_pct"] = 100 * (cpu_seconds(pid, thread=pid) - loop0) / run["wall_s"]
     server.drain()  # requests still queued when wrk stopped belong to this run's batches
-    s1, n1 = server.batch_stats()
+    s1, n1, b1 = server.batch_stats()
     run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1) if not server.plain else 1.0
+    # bytes the engine handed back per image computed (the latent, or on a GPU the pooled tokens)
+    run["engine_output_bytes_per_image"] = (b1 - b0) / max(s1 - s0, 1) if b0 is not None and b1 is not None else None
     return run
 
 
@@ -330,8 +347,8 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"concurrency": runs[0]["concurrency"], "rounds": len(runs),
                            "requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs)}
     for key in ("img_per_s", "p50_ms", "p95_ms", "p99_ms", "server_cpu_pct", "event_loop_cpu_pct", "client_cpu_pct",
-                "mean_batch"):
-        values = [r[key] for r in runs if r[key] is not None]
+                "mean_batch", "engine_output_bytes_per_image"):
+        values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out
 
@@ -365,6 +382,10 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
         for kind, f in flags.items():
             servers[kind] = Server(model_dir, "--precision", precision, "--device", device, *f)
             log(f"  {kind} server: mae-serve {' '.join(f)}")
+        if args.before:
+            servers["before"] = Server(model_dir, "--precision", precision, "--device", device, *flags["batched"],
+                                       root=worktree(args.before))
+            log(f"  before server: mae-serve {' '.join(flags['batched'])} at {args.before}")
         if args.plain and precision == "fp32" and device == "cpu":
             servers["plain"] = Server(model_dir, plain=True)
             log("  plain server: benchmarks/plain_server.py (a hand-written FastAPI endpoint, for scale)")
@@ -392,6 +413,11 @@ def bench_model(label: str, model_dir: Path, precision: str, device: str, args: 
         f"batched_over_naive_c{top}": [r["runs"]["batched"][top]["img_per_s"] / r["runs"]["naive"][top]["img_per_s"]
                                        for r in rounds],
     }
+    if "before" in servers:
+        per_round[f"before_server_over_raw_c{top}"] = [r["runs"]["before"][top]["img_per_s"] / r["raw_img_per_s"]
+                                                       for r in rounds]
+        per_round[f"batched_over_before_c{top}"] = [
+            r["runs"]["batched"][top]["img_per_s"] / r["runs"]["before"][top]["img_per_s"] for r in rounds]
     if "plain" in servers:
         per_round[f"batched_over_plain_c{top}"] = [
             r["runs"]["batched"][top]["img_per_s"] / r["runs"]["plain"][top]["img_per_s"] for r in rounds]
@@ -461,7 +487,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for r in results:
         lines.append(f"| {r['model']} | {r['precision']} | raw ORT (batch {r['raw']['best_batch']}, {r['raw']['mode']}) | | "
                      f"{r['raw']['img_per_s_median']:.1f} | | | | {r['raw']['best_batch']} | | | |")
-        for kind in ("batched", "naive", "plain"):
+        for kind in ("batched", "before", "naive", "plain"):
             for x in r.get(kind, []):
                 lines.append(f"| {r['model']} | {r['precision']} | {kind} | {x['concurrency']} | {x['img_per_s']:.1f} | "
                              f"{x['p50_ms']:.2f} | {x['p95_ms']:.2f} | {x['p99_ms']:.2f} | "
@@ -489,6 +515,8 @@ def main() -> None:
                    help="server max batch size for ViT-B (CPU throughput is flat past ~8; 32 on a GPU)")
     p.add_argument("--server-flags", default="", help="more mae-serve flags, the same for the batched and the naive "
                    "server (e.g. '--inference-threads 1 --intra-op-threads 0')")
+    p.add_argument("--before", help="also the batched server of an earlier commit (a git worktree under runs/), "
+                   "in the same rounds: before/after ratios")
     p.add_argument("--plain", action="store_true", help="also a hand-written FastAPI endpoint, one ORT call per "
                    "request (benchmarks/plain_server.py; fp32 on a CPU), for scale")
     p.add_argument("--protocols", action="store_true", help="instead: /v1/embeddings against /embed on the "
