@@ -31,6 +31,9 @@ WARMUP_MASK_RATIO = 0.75
 RunObserver = Callable[[str, int, float, int], None]
 DeviceObserver = Callable[[str, str], None]  # (the device that failed, why) after a device failure
 FAILOVER = ("unready", "cpu")  # what a device failure after start-up does: report not-ready, or move to the CPU
+# in the message of an error that the device raised (a CUDA, cuDNN, cuBLAS or TensorRT status), in either engine
+DEVICE_ERROR_WORDS = ("CUDA", "CUDNN", "cuDNN", "CUBLAS", "TensorRT", "TENSORRT")
+DEVICE_ERROR_TYPES = ("EPFail", "AcceleratorError")  # ONNX Runtime's execution-provider failure; torch's device error
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,15 @@ def pool_tokens(latent: np.ndarray) -> np.ndarray:
     tokens[:, 0] = latent[:, 0]
     np.mean(latent[:, 1:], axis=1, dtype=np.float32, out=tokens[:, 1])
     return tokens
+
+
+def is_device_error(error: BaseException) -> bool:
+    """Whether an engine call failed for the device rather than for its inputs: ONNX Runtime's EPFail, torch's
+    AcceleratorError, or an error whose message is a CUDA/cuDNN/cuBLAS/TensorRT status. Running out of device
+    memory is the batch's doing, not a failed device."""
+    if "out of memory" in str(error).lower():
+        return False
+    return type(error).__name__ in DEVICE_ERROR_TYPES or any(word in str(error) for word in DEVICE_ERROR_WORDS)
 
 
 class RuntimeConfigError(RuntimeError):
@@ -132,18 +144,31 @@ class Engine(ABC):
         """ids_keep [B, L] that keeps every patch (the full-image embedding)."""
         return np.tile(np.arange(self.arch.num_patches, dtype=np.int64), (batch, 1))
 
-    def warm_up(self) -> None:
-        """One inference per graph (and per lone-batch mode) at batch 1: allocations, kernel choice, compilation."""
+    def warm_up_cases(self, batch: int) -> list[tuple[str, tuple[np.ndarray, ...]]]:
+        """The calls that warm a batch size up, as (graph, inputs): the full-image encoder, the encoder at the
+        warm-up mask ratio's K and the decoder after it, the classifier."""
         a = self.arch
-        pixels = np.zeros((1, a.in_chans, a.img_size, a.img_size), dtype=np.float32)
+        pixels = np.zeros((batch, a.in_chans, a.img_size, a.img_size), dtype=np.float32)
+        patches = self.all_patches(batch)
+        keep = len_keep(a.num_patches, WARMUP_MASK_RATIO)
+        cases: list[tuple[str, tuple[np.ndarray, ...]]] = [("encoder", (pixels, patches)),
+                                                           ("encoder", (pixels, patches[:, :keep]))]
+        if self.has("decoder"):
+            cases.append(("decoder", (np.zeros((batch, 1 + keep, a.embed_dim), dtype=np.float32), patches)))
+        if self.has("classifier"):
+            cases.append(("classifier", (pixels,)))
+        return cases
+
+    def warm_up(self) -> None:
+        """The warm-up cases (allocations, kernel choice) at batch 1 in every lone-batch mode; on a device at every
+        batch size up to max_batch as well (cuDNN picks a convolution per input shape, TensorRT loads its
+        profile), so that no request pays for it."""
+        calls = {"encoder": self.encode, "decoder": self.decode, "classifier": self.classify}
+        sizes = range(1, self.max_batch + 1) if self.device != "cpu" else range(1, 2)
         for alone in (False, True) if self.lone_threads else (False,):
-            self.encode(pixels, self.all_patches(1), alone=alone)
-            if self.has("decoder"):
-                keep = len_keep(a.num_patches, WARMUP_MASK_RATIO)
-                latent = self.encode(pixels, np.arange(keep, dtype=np.int64)[None], alone=alone)
-                self.decode(latent, np.arange(a.num_patches, dtype=np.int64)[None], alone=alone)
-            if self.has("classifier"):
-                self.classify(pixels, alone=alone)
+            for batch in sizes:
+                for graph, inputs in self.warm_up_cases(batch):
+                    calls[graph](*inputs, alone=alone)
 
     def checked_precision(self, graph: str) -> str:
         """The precision whose gate the self-check applies to the graph: its precision, unless the device computes

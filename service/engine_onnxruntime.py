@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from model_dir import self_check
 from model_dir.schema import FileSpec, ModelDir, check_session_io
-from service.engine import ClassifierOutputs, DeviceFailed, Engine, RunObserver, RuntimeConfigError
+from service.engine import ClassifierOutputs, DeviceFailed, Engine, RunObserver, RuntimeConfigError, is_device_error
 
 log = logging.getLogger("service.engine_onnxruntime")
 
@@ -39,9 +39,6 @@ CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "Tensorrt
 # latent [B, T, D] -> tokens [B, 2, D]: the cls token and the mean of the patch tokens, as Engine.embed pools on the
 # host (written by training/pool_graph.py; a test checks the file against it)
 POOL_GRAPH = Path(__file__).resolve().parent / "graphs" / "pool_tokens.onnx"
-# errors a session run raises when the device, not the input, failed (ONNX Runtime's EPFail, CUDA/cuDNN/cuBLAS
-# status errors in a kernel)
-DEVICE_ERROR_WORDS = ("CUDA", "CUDNN", "CUBLAS", "TensorRT", "TENSORRT")
 
 
 @dataclass(frozen=True)
@@ -110,12 +107,6 @@ def _provider_list(device: str, trt: dict[str, Any] | None = None) -> list[Any]:
     if _wants_cuda(device):
         return [(CUDA, CUDA_OPTIONS), CPU]
     return [CPU]
-
-
-def is_device_error(error: BaseException) -> bool:
-    """Whether a session run failed for the device (ONNX Runtime's EPFail, a CUDA/cuDNN/cuBLAS/TensorRT error)
-    rather than for its inputs."""
-    return type(error).__name__ == "EPFail" or any(word in str(error) for word in DEVICE_ERROR_WORDS)
 
 
 CUDA_LIBRARIES = ("libcudart", "libcublas", "libcublasLt", "libcurand", "libcufft", "libnvrtc", "libcudnn")
@@ -407,20 +398,6 @@ class OnnxRuntimeEngine(Engine):
     def classify(self, pixels: np.ndarray, *, alone: bool = False) -> ClassifierOutputs:
         logits, *features = self._run("classifier", {"pixels": pixels}, alone)  # features: declared in model.json
         return ClassifierOutputs(logits, features[0] if features else None)
-
-    def warm_up(self) -> None:
-        """Batch 1 of every graph; on a device also every batch size up to max_batch of the full-image encoder and
-        the classifier (cuDNN picks the patch embedding's convolution per input shape, TensorRT loads its profile),
-        so that no request pays for it."""
-        super().warm_up()
-        if self.device == "cpu":
-            return
-        a = self.arch
-        for batch in range(2, self.max_batch + 1):
-            pixels = np.zeros((batch, a.in_chans, a.img_size, a.img_size), dtype=np.float32)
-            self.embed(pixels)
-            if self.has("classifier"):
-                self.classify(pixels)
 
     def describe(self) -> dict[str, Any]:
         """What /info and the startup log report: device, and per graph its file, precision and providers."""

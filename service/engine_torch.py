@@ -42,8 +42,7 @@ from torch import Tensor, nn
 from model.mae import pool_latent
 from model_dir import self_check
 from model_dir.schema import ModelDir
-from service.engine import WARMUP_MASK_RATIO, ClassifierOutputs, Engine, RunObserver, RuntimeConfigError
-from service.masking import len_keep
+from service.engine import ClassifierOutputs, Engine, RunObserver, RuntimeConfigError, is_device_error
 from training.weights import build_modules, recover_weights, split_weights
 
 log = logging.getLogger("service.engine_torch")
@@ -53,7 +52,6 @@ RECOVERY_MAX_ABS_DIFF = self_check.FP32_MAX_ABS_DIFF  # recovered weights agains
 # What torch.compile's kernels are built with, per device, looked up as Inductor (CPU: $CXX, else g++) and Triton
 # (CUDA: $CC, else gcc, else clang) look it up: (language, variable, names on PATH, the Debian packages to install)
 COMPILERS = {"cpu": ("C++", "CXX", ("g++",), "g++"), "cuda": ("C", "CC", ("gcc", "clang"), "gcc libc6-dev")}
-DEVICE_ERROR_WORDS = ("CUDA", "cuDNN", "CUBLAS")  # in the message of a RuntimeError that the device raised
 
 ShapeKey = tuple[str, tuple[tuple[int, ...], ...]]  # a graph and its input shapes
 T = TypeVar("T")
@@ -76,15 +74,6 @@ def check_compiler(device: str) -> None:
     raise RuntimeConfigError(f"MAE_TORCH_COMPILE on {device} needs a {language} compiler for the compiled kernels "
                              f"(${variable}, or {' or '.join(names)} on PATH) and none is found: install one "
                              f"(Debian: apt-get install {packages}) or turn MAE_TORCH_COMPILE off")
-
-
-def is_device_error(error: BaseException) -> bool:
-    """Whether a call failed for the device (torch.AcceleratorError, a CUDA, cuDNN or cuBLAS error) rather than for
-    its inputs; running out of memory is the batch's doing, not a failed device."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return False
-    return isinstance(error, getattr(torch, "AcceleratorError", ())) or (
-        isinstance(error, RuntimeError) and any(word in str(error) for word in DEVICE_ERROR_WORDS))
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -302,22 +291,14 @@ class TorchEngine(Engine):
         compiles."""
         if not self.compiled:
             return super().warm_up()
-        a, start = self.arch, time.perf_counter()
-        keep = len_keep(a.num_patches, WARMUP_MASK_RATIO)
+        start = time.perf_counter()
         self.buckets = batch_buckets(self.max_batch)
         # one static graph per bucket and K: more than dynamo's default limit per function (cache_size_limit: the
         # name every torch from 2.6 has)
         limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets))
         with torch._dynamo.config.patch(cache_size_limit=limit):
             for batch in self.buckets:
-                pixels = np.zeros((batch, a.in_chans, a.img_size, a.img_size), dtype=np.float32)
-                patches = self.all_patches(batch)
-                cases = [("encoder", (pixels, patches)), ("encoder", (pixels, patches[:, :keep]))]
-                if self.has("decoder"):
-                    cases.append(("decoder", (np.zeros((batch, 1 + keep, a.embed_dim), np.float32), patches)))
-                if self.has("classifier"):
-                    cases.append(("classifier", (pixels,)))
-                for graph, arrays in cases:
+                for graph, arrays in self.warm_up_cases(batch):
                     self._guarded(functools.partial(self._compile, graph, arrays))
         log.info("torch.compile: %d shapes at batch sizes %s in %.1f s", len(self.compiled_shapes),
                  ", ".join(map(str, self.buckets)), time.perf_counter() - start)

@@ -3,7 +3,8 @@
 `Server(settings)` loads and checks the model directory and opens the engine at once (a bad
 directory fails here, with a message naming the file); `lifespan` starts the pools and the
 warm-up, and on shutdown finishes every accepted request before the pools stop. A request's
-images are decoded here (`decode_image`) and run through its task's queue (`run`).
+images are fetched when they are URLs (`service.fetch`), decoded here (`decode_image`) and run
+through its task's queue (`run`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from service.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from service.fetch import FETCHES_PER_REQUEST, Allowlist, Fetcher, ImageURL
 from service.imaging import ImageRejected, ModelImage, load_model_image, read_header, to_model_image
 from service.metrics import Metrics
+from service.search import open_gallery
 from service.settings import BUNDLED_MODEL_DIR, Settings
-from service.tasks import ImageSource, JobT, QueueKey, ResultT, Task, Tasks
+from service.tasks import ImageSource, JobT, QueueKey, ResultT, SearchTask, Task, Tasks
 
 log = logging.getLogger("service")
 
@@ -43,7 +46,7 @@ INLINE_DECODE_MAX_PIXELS = 128 * 128
 WEDGED_FACTOR = 20  # Server.liveness_problem: a batch this many times its queue's average is not merely slow
 
 
-def _checked(step: Callable[..., Any], index: int, *args: Any) -> Any:
+def checked_decode(step: Callable[..., Any], index: int, *args: Any) -> Any:
     """A decoding step, its ImageRejected turned into the client error for image `index`."""
     try:
         return step(*args)
@@ -61,7 +64,8 @@ def open_engine(model_dir: ModelDir, settings: Settings, on_run: RunObserver | N
             raise RuntimeConfigError(f"engine torch needs the torch extra (pip install 'mae-service[torch]'): {e}") from e
         return TorchEngine(model_dir, device=settings.device, precision=settings.precision,
                            threads=settings.ort_threads_per_call(), compile=settings.torch_compile, on_run=on_run,
-                           self_check_policy=settings.self_check, failover=settings.device_failover)
+                           self_check_policy=settings.self_check, failover=settings.device_failover,
+                           max_batch=settings.max_batch_size)
     from service.engine_onnxruntime import OnnxRuntimeEngine
 
     return OnnxRuntimeEngine(model_dir, device=settings.device, precision=settings.precision,
@@ -81,6 +85,9 @@ class Server:
                                 "pass --model-dir or set MAE_MODEL_DIR to a directory written by mae-export")
         self.model_dir = load_model_dir(settings.model_dir, verify_hashes=settings.verify_hashes)
         self.metrics = Metrics()
+        self.fetcher = Fetcher(Allowlist(settings.url_allowlist), timeout_s=settings.url_timeout_s,
+                               max_bytes=settings.url_max_bytes, max_redirects=settings.url_max_redirects,
+                               observe=lambda outcome: self.metrics.url_fetches.labels(outcome).inc())
         # a GPU asked for by name gets the GPU defaults before the engine opens (TensorRT's profile needs the
         # batch size); one that `auto` found, once it is open
         self.engine = open_engine(self.model_dir, settings.for_device(settings.device), on_run=self.metrics.ort_run)
@@ -89,6 +96,12 @@ class Server:
         self.engine.max_batch = settings.max_batch_size  # warm-up covers every batch size the batcher sends
         self.engine.on_device_failure = self._device_failed
         self.tasks = Tasks.open(model_dir=self.model_dir, engine=self.engine)
+        # the gallery /search searches (MAE_GALLERY): a Parquet file's vectors are read and checked here, a folder
+        # or the bundled images are embedded by the warm-up
+        self.gallery = open_gallery(settings.gallery, self.model_dir.spec, self.model_dir.root.resolve() ==
+                                    BUNDLED_MODEL_DIR.resolve(), settings.gallery_max_items)
+        self.search = None if self.gallery is None else SearchTask(
+            model_dir=self.model_dir, engine=self.engine, embed=self.tasks.embed, gallery=self.gallery)
         self.warmed_up = False
         self.warmup_error: str | None = None
         self.batcher: Batcher | None = None
@@ -126,7 +139,7 @@ class Server:
                                max_queue=s.max_queue, observer=self.metrics, concurrency=s.inference_threads,
                                inline_max_s=s.lone_batch_inline_ms / 1000, share_idle_slots=s.share_idle_slots)
         started = time.monotonic()
-        warm_up = asyncio.get_running_loop().run_in_executor(inference_pool, self.engine.warm_up)
+        warm_up = asyncio.get_running_loop().run_in_executor(inference_pool, self._warm_up)
         warm_up.add_done_callback(lambda f: self._warmed_up(f, time.monotonic() - started))
         graphs = ", ".join(f"{g} {d['precision']} on {d['providers'][0]}"
                            for g, d in self.engine.describe()["graphs"].items())
@@ -143,6 +156,15 @@ class Server:
             # every request that reached the app, answered or not, by route and status: what a drain is checked on
             log.info("stopped; requests since start: %s", json.dumps(self.metrics.request_counts()))
             self.metrics.close()
+
+    def _warm_up(self) -> None:
+        """The engine's warm-up, then the gallery's embeddings where it has none yet: ready means searchable."""
+        self.engine.warm_up()
+        if self.search is not None and not self.search.gallery.ready:
+            started = time.monotonic()
+            self.search.embed_gallery(self.settings.max_batch_size, self.settings.max_image_pixels)
+            log.info("gallery %s: %d images embedded in %.2f s", self.search.gallery.origin,
+                     len(self.search.gallery), time.monotonic() - started)
 
     def _warmed_up(self, future: asyncio.Future[None], seconds: float) -> None:
         if future.cancelled() or future.exception():
@@ -177,26 +199,31 @@ class Server:
         """
         prep, max_pixels = self.model_dir.spec.preprocessing, self.settings.max_image_pixels
         if len(data) > INLINE_DECODE_MAX_BYTES:
-            return await self.offload(_checked, load_model_image, index, data, prep, max_pixels)
-        header = _checked(read_header, index, data, max_pixels)
+            return await self.offload(checked_decode, load_model_image, index, data, prep, max_pixels)
+        header = checked_decode(read_header, index, data, max_pixels)
         if header.width * header.height > INLINE_DECODE_MAX_PIXELS:
-            return await self.offload(_checked, to_model_image, index, header, prep)
-        return _checked(to_model_image, index, header, prep)
+            return await self.offload(checked_decode, to_model_image, index, header, prep)
+        return checked_decode(to_model_image, index, header, prep)
 
     async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU work (decoding, PNG encoding) in the decode pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
     async def run(self, request: Request, task: Task[Any, JobT, ResultT], job: JobT, images: list[ImageSource]) -> ResultT:
-        """Reserve queue room, decode the images, run their payloads through the job's queue; the task's result of
-        them (made in the decode pool when it does real work)."""
+        """Reserve queue room, fetch (URLs) and decode the images, run their payloads through the job's queue; the
+        task's result of them (made in the decode pool when it does real work)."""
         deadline, finish_by = request.state.deadline, request.state.finish_by  # set by the middleware
+        for i, image in enumerate(images):  # every URL allowed, before anything is reserved or fetched
+            if isinstance(image, ImageURL):
+                self.fetcher.check(image.url, i)
         timing = BatchTiming()
         request.state.timing = timing
         queue = self.queue(job.key, task.runner(job))
+        fetches = asyncio.Semaphore(FETCHES_PER_REQUEST)
         try:
             with queue.reserve(len(images)) as reservation:
-                decoded = await asyncio.gather(*(self._model_image(image, i) for i, image in enumerate(images)))
+                decoded = await asyncio.gather(*(self._model_image(image, i, fetches, min(deadline, finish_by))
+                                                 for i, image in enumerate(images)))
                 payloads = [job.payload(image) for image in decoded]
                 outputs = await reservation.submit(payloads, deadline, timing, finish_by)
         except QueueFull as e:
@@ -214,8 +241,25 @@ class Server:
             return await self.offload(task.result, job, payloads, outputs)
         return task.result(job, payloads, outputs)
 
-    async def _model_image(self, image: ImageSource, index: int) -> ModelImage:
-        return image if isinstance(image, ModelImage) else await self.decode_image(image, index)
+    async def _model_image(self, image: ImageSource, index: int, fetches: asyncio.Semaphore,
+                           fetch_by: float) -> ModelImage:
+        """One image at the model's input; a URL fetched, by `fetch_by`, and decoded while it holds one of the
+        request's `fetches` (so that a request holds a few fetched bodies at a time, not all of them)."""
+        if isinstance(image, ModelImage):
+            return image
+        if isinstance(image, ImageURL):
+            async with fetches:
+                return await self.decode_image(await self.fetcher.fetch(image, index, fetch_by), index)
+        return await self.decode_image(image, index)
+
+    def searchable(self) -> SearchTask:
+        """The search task: 404 not_available without a gallery, 503 while its images are being embedded."""
+        if self.search is None:
+            raise NotAvailable("/search needs a gallery, and none is configured (MAE_GALLERY: a Parquet file from "
+                               "mae-embed or a folder of images)")
+        if not self.search.gallery.ready:
+            raise NotReady("the gallery is being embedded", {"Retry-After": "1"})
+        return self.search
 
     def require(self, task: Task[Any, Any, Any]) -> None:
         """404 not_available when the model has no graph for the task's route (no decoder, no classifier)."""
