@@ -9,6 +9,7 @@ is there, but nothing here imports it, the server's modules, torch or onnxruntim
         vectors = mae.embed(["a.png", "b.jpg"])          # np.ndarray [2, D], float32
         result = mae.reconstruct("a.png", mask_ratio=0.75, seed=0)
         labels = mae.classify(["a.png"], top_k=3)      # [[Prediction(label, class_id, score), ...]]
+        similar = mae.search("a.png", k=5)              # [[Neighbor(id, score, label, path), ...]]
 
 Images are paths, bytes of an encoded file, PIL images or numpy arrays (uint8, or floats in [0, 1];
 [H, W], [H, W, 1|3|4]); a list is a batch, anything else one image. Long lists are sent in
@@ -87,6 +88,16 @@ class Prediction:
     label: str
     class_id: int
     score: float
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """A gallery item /search found: its id (GET /gallery/{id}/image), cosine similarity, label and path."""
+
+    id: int
+    score: float
+    label: str | None
+    path: str | None
 
 
 @dataclass(frozen=True)
@@ -213,6 +224,10 @@ class _Base:
         return [[Prediction(p["label"], p["class_id"], p["score"]) for p in d["predictions"]] for d in answer["data"]]
 
     @staticmethod
+    def _neighbors(answer: dict[str, Any]) -> list[list[Neighbor]]:
+        return [[Neighbor(n["id"], n["score"], n["label"], n["path"]) for n in d["neighbors"]] for d in answer["data"]]
+
+    @staticmethod
     def _reconstruction(answer: dict[str, Any]) -> Reconstruction:
         (item,) = answer["data"]
         return Reconstruction(seed=answer["seed"], mask_ratio=answer["mask_ratio"],
@@ -266,6 +281,12 @@ class Client(_Base):
         """The top_k labels of each image, most probable first."""
         answers = self._post_batches("/classify", self._images(images), {"top_k": top_k})
         return [p for a in answers for p in self._predictions(a)]
+
+    def search(self, images: Any, *, k: int = 5, label: str | None = None) -> list[list[Neighbor]]:
+        """The k gallery items most similar to each image, most similar first; `label`: among that label's only
+        (NotAvailableError when the server has no gallery)."""
+        answers = self._post_batches("/search", self._images(images), {"k": k, "label": label})
+        return [n for a in answers for n in self._neighbors(a)]
 
     def close(self) -> None:
         self._http.close()
@@ -327,6 +348,10 @@ class AsyncClient(_Base):
     async def classify(self, images: Any, *, top_k: int = 5) -> list[list[Prediction]]:
         answers = await self._post_batches("/classify", self._images(images), {"top_k": top_k})
         return [p for a in answers for p in self._predictions(a)]
+
+    async def search(self, images: Any, *, k: int = 5, label: str | None = None) -> list[list[Neighbor]]:
+        answers = await self._post_batches("/search", self._images(images), {"k": k, "label": label})
+        return [n for a in answers for n in self._neighbors(a)]
 
     async def aclose(self) -> None:
         await self._http.aclose()

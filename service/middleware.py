@@ -30,7 +30,7 @@ from service.settings import Settings
 _REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,200}$")
 DRAIN_TIMEOUT_S = 60.0  # BodyState.drain: how long an over-limit body is read and discarded before a 413
 # the routes that compute (POST): admitted, given deadlines, cancelled when their client leaves
-_INFERENCE = re.compile(r"^/(?:embed|reconstruct|classify|v1/embeddings|v2/models/[^/]+(?:/versions/[^/]+)?/infer)$")
+_INFERENCE = re.compile(r"^/(?:embed|reconstruct|classify|search|v1/embeddings|v2/models/[^/]+(?:/versions/[^/]+)?/infer)$")
 CLIENT_CLOSED = 499  # the status recorded (never sent) for a request whose client left before its answer
 
 

@@ -1,5 +1,5 @@
-"""The native routes: /embed, /reconstruct, /classify and /info (behind the API key when one is set), and the
-open ones: health, metrics, the demo page and its samples.
+"""The native routes: /embed, /reconstruct, /classify, /search (and its gallery's pictures) and /info (behind the
+API key when one is set), and the open ones: health, metrics, the demo page and its samples.
 
 Each inference route reads the request (images and options), has its task prepare the job, runs it
 on the server and returns the task's response model; the work itself lives in `service.tasks`.
@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 
 from service import __version__, oip_routes
-from service.errors import NotReady, Wedged, error_response
+from service.errors import NotFound, NotReady, Wedged, error_response
 from service.inputs import read_request
 from service.responses import JSONResponse
 from service.schemas import (
@@ -30,14 +31,18 @@ from service.schemas import (
     ReconstructJsonRequest,
     ReconstructOptions,
     ReconstructResponse,
+    SearchJsonRequest,
+    SearchOptions,
+    SearchResponse,
     request_body_doc,
 )
+from service.search import describe
 
 if TYPE_CHECKING:
     from service.server import Server
-    from service.tasks import ClassifyTask, EmbedTask, ReconstructTask
+    from service.tasks import ClassifyTask, EmbedTask, ReconstructTask, SearchTask
 
-    AnyTask = EmbedTask | ReconstructTask | ClassifyTask
+    AnyTask = EmbedTask | ReconstructTask | ClassifyTask | SearchTask
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
@@ -89,6 +94,31 @@ async def classify(request: Request) -> JSONResponse:
     return JSONResponse(task.respond(await _run(request, task)))
 
 
+@router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES,
+             openapi_extra=request_body_doc(SearchJsonRequest, SearchOptions))
+async def search(request: Request) -> JSONResponse:
+    """The k gallery items most similar to each image (cosine of the embeddings the gallery was made with); 404
+    not_available without a gallery (MAE_GALLERY)."""
+    task = _server(request).searchable()
+    return JSONResponse(task.respond(await _run(request, task)))
+
+
+@router.get("/gallery/{item}/image", responses={
+    200: {"content": {"image/png": {}}, "description": "the item's picture as PNG, at most 96 pixels on a side"},
+    **{code: {"model": ErrorResponse} for code in (401, 404, 422, 503)}}, response_class=Response)
+async def gallery_image(request: Request, item: int = PathParam(ge=0)) -> Response:
+    """The picture of a gallery item (an id /search returned), when the gallery owns one: the bundled images, a
+    folder gallery's files; a Parquet gallery's files only where they lie under the Parquet file's folder."""
+    server = _server(request)
+    gallery = server.searchable().gallery
+    if item >= len(gallery):
+        raise NotFound(f"gallery item {item}: the gallery has {len(gallery)} items")
+    png = await server.offload(gallery.thumbnail, item)
+    if png is None:
+        raise NotFound(f"gallery item {item} ({gallery.paths[item]}): no picture that this gallery owns")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
 @router.get("/info", response_model=InfoResponse, responses={401: {"model": ErrorResponse}})
 async def info(request: Request) -> dict[str, Any]:
     """Model card, graphs with their precision and providers in use, batching settings and limits."""
@@ -100,7 +130,8 @@ async def info(request: Request) -> dict[str, Any]:
         "model": spec.model_dump(mode="json", exclude={"files", "verification"}),
         "runtime": server.engine.describe(),
         "routes": {"embed": True, "reconstruct": server.engine.has("decoder"),
-                   "classify": server.engine.has("classifier")},
+                   "classify": server.engine.has("classifier"), "search": server.gallery is not None},
+        "gallery": None if server.gallery is None else describe(server.gallery),
         "embedding_sources": server.tasks.embed.sources(),
         "batching": {"max_batch_size": s.max_batch_size, "max_batch_delay_ms": s.max_batch_delay_ms,
                      "inference_threads": s.inference_threads, "ort_threads_per_call": s.ort_threads_per_call(),
@@ -111,7 +142,7 @@ async def info(request: Request) -> dict[str, Any]:
                    "max_image_pixels": s.max_image_pixels},
         "auth": bool(s.api_keys),
         "protocols": {
-            "native": ["POST /embed", "POST /reconstruct", "POST /classify"],
+            "native": ["POST /embed", "POST /reconstruct", "POST /classify", "POST /search"],
             "openai": {"routes": ["POST /v1/embeddings", "GET /v1/models"], "model": spec.name},
             "open_inference_v2": {"rest": "/v2", "extensions": oip_routes.EXTENSIONS,
                                   "models": list(oip_routes.served_models(server))},

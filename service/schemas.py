@@ -45,6 +45,15 @@ class ClassifyOptions(_Options):
                        "model.labels; more is a 422, not silently clamped)")
 
 
+MAX_SEARCH_K = 100  # neighbours per query image: a bound on the response, not on the index
+
+
+class SearchOptions(_Options):
+    k: int = Field(5, ge=1, le=MAX_SEARCH_K, description="gallery items per image, most similar first; at most the "
+                   "gallery's items (of `label`, when given): more is a 422")
+    label: str | None = Field(None, description="only gallery items with this label (/info gallery.labels)")
+
+
 class _Images(BaseModel):
     image: str | None = Field(None, description="one image: base64 or a data URI")
     images: list[str] | None = Field(None, description="several images: base64 or data URIs")
@@ -59,6 +68,10 @@ class ReconstructJsonRequest(ReconstructOptions, _Images):
 
 
 class ClassifyJsonRequest(ClassifyOptions, _Images):
+    pass
+
+
+class SearchJsonRequest(SearchOptions, _Images):
     pass
 
 
@@ -96,6 +109,27 @@ class ClassifyItem(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str
     data: list[ClassifyItem]
+    usage: Usage
+
+
+class Neighbor(BaseModel):
+    id: int = Field(description="the gallery item's index (GET /gallery/{id}/image: its picture, when it has one)")
+    score: float = Field(description="cosine similarity to the query image, in [-1, 1]")
+    label: str | None
+    path: str | None = Field(description="where the item's image came from (a folder gallery: relative to it)")
+
+
+class SearchItem(BaseModel):
+    index: int
+    neighbors: list[Neighbor]
+
+
+class SearchResponse(BaseModel):
+    model: str
+    source: EmbeddingSource = Field(description="the embeddings compared: the gallery's source and pooling")
+    pooling: Pooling | None
+    gallery_size: int
+    data: list[SearchItem]
     usage: Usage
 
 
@@ -146,6 +180,7 @@ class InfoRoutes(BaseModel):
     embed: bool
     reconstruct: bool = Field(description="the model has a decoder")
     classify: bool = Field(description="the model has a classifier")
+    search: bool = Field(description="a gallery is configured (MAE_GALLERY)")
 
 
 class InfoClassifierSource(BaseModel):
@@ -181,6 +216,17 @@ class InfoLimits(BaseModel):
     max_image_pixels: int
 
 
+class InfoGallery(BaseModel):
+    origin: str = Field(description="bundled, folder: PATH, or parquet: PATH")
+    size: int
+    index: Literal["exact"] = Field(description="cosine similarity by one matmul over every item")
+    source: EmbeddingSource
+    pooling: Pooling | None
+    ready: bool = Field(description="embedded (a folder or the bundled gallery is embedded at startup)")
+    labels: dict[str, int] = Field(description="items per label")
+    images: bool = Field(description="GET /gallery/{id}/image serves the items' pictures")
+
+
 class InfoProtocols(BaseModel):
     native: list[str]
     openai: dict[str, Any] = Field(description="routes and the model name to send")
@@ -200,6 +246,7 @@ class InfoResponse(BaseModel):
     limits: InfoLimits
     auth: bool = Field(description="whether an API key is required")
     protocols: InfoProtocols
+    gallery: InfoGallery | None = Field(description="the gallery POST /search searches; null: none configured")
 
 
 class ErrorResponse(BaseModel):

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.fetch import Allowlist
+
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 
@@ -152,6 +154,14 @@ class Settings(BaseSettings):
         Path("~/.cache/mae-service/tensorrt"), description="device tensorrt: where TensorRT's engines and timing "
         "caches are kept (the first start builds them, later ones load them; a volume keeps them across restarts)")
 
+    gallery: str = Field(
+        "auto", description="what POST /search searches: a Parquet file from mae-embed, a folder of images (labelled "
+        "by subfolder, embedded at startup before the server is ready), none, or auto (the bundled model: its 1000 "
+        "bundled Fashion-MNIST test images; another model: none)")
+    gallery_max_items: int = Field(
+        1_000_000, ge=1, description="a larger gallery is refused at startup: search is exact (one matmul over the "
+        "gallery per batch of queries), its time and memory (items x dim x 4 bytes) grow linearly")
+
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413)")
     max_drain_bytes: int = Field(
         4 * 1024**3, ge=0, description="before a 413, read and discard up to this many bytes of the unread body, so "
@@ -159,6 +169,18 @@ class Settings(BaseSettings):
         "connection reset; past it (or after 60 s) the connection is closed")
     max_images_per_request: int = Field(32, ge=1, description="images in one request (413)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height of one image, checked before decoding")
+
+    url_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated hosts whose http(s) image URLs are fetched: "
+        "images.example.com, *.example.com (its subdomains), * (any host), or an IP address / CIDR network (the "
+        "one way to allow private, loopback or link-local addresses, which a listed name that resolves to one "
+        "never allows); empty: URLs are refused (422)")
+    url_timeout_s: float = Field(5.0, gt=0, description="an image URL's whole fetch, redirects included, within "
+                                 "this and the request's deadline (504 fetch_timeout)")
+    url_max_bytes: int = Field(16 * 1024 * 1024, ge=1, description="an image URL's body limit, announced or "
+                               "streamed (413)")
+    url_max_redirects: int = Field(3, ge=0, description="redirects an image URL may take, each checked against "
+                                   "MAE_URL_ALLOWLIST and the address rules again")
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False, description="comma-separated Bearer keys; empty: no authentication")
@@ -172,7 +194,14 @@ class Settings(BaseSettings):
         60.0, gt=0, description="/health/live answers 503 while a batch has run longer than this and than 20 times "
         "its queue's average batch: the engine is wedged and the process should be restarted")
 
-    _split = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
+    _split = field_validator("api_keys", "cors_origins", "url_allowlist", mode="before")(_split_list)
+
+    @field_validator("url_allowlist")
+    @classmethod
+    def _allowlist_entries(cls, entries: list[str]) -> list[str]:
+        """Each entry is one of the Allowlist forms (a typo stops the server at start, naming the entry)."""
+        Allowlist(entries)
+        return entries
 
     def device_defaults(self, device: str) -> dict[str, object]:
         """The defaults `device` changes: on a GPU (cuda, tensorrt) GPU_DEFAULTS and the decode threads, less the

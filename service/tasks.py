@@ -27,7 +27,8 @@ from model_dir.reconstruction import Reconstruction, panel, panel_row, reconstru
 from model_dir.schema import ModelDir
 from service.engine import Engine
 from service.errors import InvalidOption
-from service.imaging import ModelImage, encode_png
+from service.fetch import ImageURL
+from service.imaging import ImageRejected, ModelImage, encode_png, load_model_image
 from service.inputs import parse_options
 from service.masking import MAX_SEED, Masking, len_keep, random_masking
 from service.schemas import (
@@ -37,16 +38,21 @@ from service.schemas import (
     EmbeddingItem,
     EmbedOptions,
     EmbedResponse,
+    Neighbor,
     PatchGrid,
     Prediction,
     ReconstructImages,
     ReconstructItem,
     ReconstructOptions,
     ReconstructResponse,
+    SearchItem,
+    SearchOptions,
+    SearchResponse,
     Usage,
 )
+from service.search import Gallery, GalleryError
 
-ImageSource = bytes | ModelImage  # an encoded file, or an image already at the model's input
+ImageSource = bytes | ImageURL | ModelImage  # an encoded file, one to fetch, or an image already at the model's input
 PICTURES = ("original", "masked", "reconstruction", "pasted")
 
 
@@ -100,6 +106,13 @@ class ClassifyJob(Job):
     top_k: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class SearchJob(Job):
+    embed: EmbedJob  # the query embeddings: the gallery's source and pooling, normalized, in /embed's queue
+    k: int
+    label: str | None
+
+
 @dataclass(frozen=True)
 class Embeddings:
     """/embed's result: one float32 vector per image, pooled (and normalized) as the job asked."""
@@ -134,6 +147,15 @@ class Classes:
 
     job: ClassifyJob
     probabilities: np.ndarray
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """/search's result: per query image the ids of its k nearest gallery items and their cosine similarities."""
+
+    job: SearchJob
+    ids: np.ndarray  # [Q, k] int64
+    scores: np.ndarray  # [Q, k] float32
 
 
 @dataclass(frozen=True)
@@ -416,6 +438,77 @@ class ClassifyTask(Task[ClassifyOptions, ClassifyJob, Classes]):
     def array_specs(self) -> list[ArraySpec]:
         return [ArraySpec("probabilities", "FP32", [-1, len(self.labels)]), ArraySpec("class_id", "INT64", [-1]),
                 ArraySpec("label", "BYTES", [-1])]
+
+
+class SearchTask(Task[SearchOptions, SearchJob, Neighbors]):
+    """/search: each image embedded as the gallery was (an /embed job, in /embed's queue and batches), then its
+    k most similar gallery items (`Gallery.search`, exact cosine)."""
+
+    route, graph, options = "/search", "encoder", SearchOptions
+    heavy_result = True  # a matmul over the whole gallery: off the event loop
+
+    def __init__(self, *, model_dir: ModelDir, engine: Engine, embed: EmbedTask, gallery: Gallery):
+        super().__init__(model_dir=model_dir, engine=engine)
+        self.embed, self.gallery = embed, gallery
+
+    def prepare(self, options: SearchOptions) -> SearchJob:
+        """The job; 422 for a label no item has, or a k over the items searched."""
+        counts = self.gallery.label_counts()
+        if options.label is not None and options.label not in counts:
+            raise InvalidOption(f"label {options.label!r}: no gallery item has it (the labels: "
+                                f"{', '.join(counts) or 'none, the gallery is unlabelled'})")
+        items = len(self.gallery) if options.label is None else counts[options.label]
+        if options.k > items:
+            raise InvalidOption(f"k {options.k} is over the {items} gallery items"
+                                + ("" if options.label is None else f" labelled {options.label!r}"))
+        g = self.gallery.embedding
+        embed = self.embed.prepare(EmbedOptions.model_construct(source=g.source, pooling=g.pooling, normalize=True,
+                                                                encoding_format="float"))
+        return SearchJob(key=embed.key, embed=embed, k=options.k, label=options.label)
+
+    def embed_gallery(self, batch_size: int, max_pixels: int) -> None:
+        """Vectors for a gallery that has none (a folder, the bundled images): each image read as a client's is and
+        embedded as /search embeds its queries, `batch_size` at a time (startup; an inference thread)."""
+        g, prep = self.gallery, self.spec.preprocessing
+        job = self.prepare(SearchOptions.model_construct(k=1, label=None)).embed
+        run = self.embed.runner(job)
+        vectors: list[np.ndarray] = []
+        for start in range(0, len(g), batch_size):
+            items = range(start, min(start + batch_size, len(g)))
+            images = []
+            for item in items:
+                try:
+                    images.append(load_model_image(g.image_bytes(item), prep, max_pixels))
+                except (OSError, ImageRejected) as e:
+                    raise GalleryError(f"gallery {g.origin}: item {item} ({g.paths[item]}): {e}") from e
+            vectors += self.embed.result(job, images, run(images)).vectors
+        g.set_vectors(np.stack(vectors))
+
+    def runner(self, job: SearchJob) -> Callable[..., list[Any]]:
+        return self.embed.runner(job.embed)
+
+    def run_batch(self, images: list[ModelImage], *, alone: bool = False) -> list[np.ndarray]:
+        return self.embed.run_batch(images, alone=alone)
+
+    def result(self, job: SearchJob, payloads: list[ModelImage], outputs: list[np.ndarray]) -> Neighbors:
+        queries = np.stack(self.embed.result(job.embed, payloads, outputs).vectors)
+        return Neighbors(job, *self.gallery.search(queries, job.k, job.label))
+
+    def respond(self, result: Neighbors) -> SearchResponse:
+        g = self.gallery
+        data = [SearchItem.model_construct(index=q, neighbors=[
+            Neighbor.model_construct(id=int(i), score=float(score), label=g.labels[i], path=g.paths[i])
+            for i, score in zip(ids, scores, strict=True)]) for q, (ids, scores) in enumerate(
+                zip(result.ids, result.scores, strict=True))]
+        return SearchResponse.model_construct(model=self.spec.name, source=g.embedding.source,
+                                              pooling=g.embedding.pooling, gallery_size=len(g), data=data,
+                                              usage=self.usage(len(data)))
+
+    def arrays(self, result: Neighbors) -> Arrays:
+        return Arrays({"id": result.ids, "score": result.scores})
+
+    def array_specs(self) -> list[ArraySpec]:
+        return [ArraySpec("id", "INT64", [-1, -1]), ArraySpec("score", "FP32", [-1, -1])]
 
 
 @dataclass(frozen=True)
