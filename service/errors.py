@@ -53,6 +53,12 @@ class InvalidOption(ServiceError):
     status, type = 422, "invalid_option"
 
 
+class FetchFailed(ServiceError):
+    """An image URL that was allowed could not be fetched: the remote's status, connection or protocol."""
+
+    status, type = 422, "fetch_failed"
+
+
 class Overloaded(ServiceError):
     type = "overloaded"
 
@@ -71,6 +77,12 @@ class Wedged(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     status, type = 504, "deadline_exceeded"
+
+
+class FetchTimeout(ServiceError):
+    """An image URL did not answer in full within MAE_URL_TIMEOUT_S or the request's deadline."""
+
+    status, type = 504, "fetch_timeout"
 
 
 def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

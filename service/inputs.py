@@ -1,8 +1,8 @@
 """Reading a request: image bytes from multipart files or JSON base64 / data URIs, options from body and query.
 
 `image_bytes` and `check_image_count` are the one reading of images and the one count check of every
-protocol (native, OpenAI-style, Open Inference Protocol): the same text is the same image, or the same
-error, whichever route it came to."""
+protocol (native, OpenAI-style, Open Inference Protocol): the same text is the same image, the same URL
+to fetch, or the same error, whichever route it came to."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from service.errors import InvalidBody, InvalidImage, InvalidOption, PayloadTooLarge, UnsupportedMediaType
+from service.fetch import ImageURL
 
 IMAGE_FIELDS = ("image", "images")
 _DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -28,17 +29,18 @@ _WHITESPACE = re.compile(r"\s+")
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
-def image_bytes(value: str | bytes, index: int) -> bytes:
-    """One image of a request, in any protocol -> the bytes of its file.
+def image_bytes(value: str | bytes, index: int) -> bytes | ImageURL:
+    """One image of a request, in any protocol -> the bytes of its file, or the URL to fetch it from.
 
     Text (a JSON string, a form field, a tensor element): a `data:<type>;base64,` URI or bare base64 (400
-    when it is not valid base64); a URL or any other text is a 422 that says what to send. Bytes (a
-    multipart file, a binary tensor element): the file itself, unless it is such text."""
+    when it is not valid base64); an `http(s)://` URL is an ImageURL, which the server checks against
+    MAE_URL_ALLOWLIST (a 422 while that is empty) and fetches; any other text is a 422 that says what to
+    send. Bytes (a multipart file, a binary tensor element): the file itself, unless it is such text."""
     if isinstance(value, bytes):
         if not value.isascii():
             return value
         text = value.decode("ascii")
-        if not (_BASE64.match(text) or text[:5].lower() == "data:"):
+        if not (_BASE64.match(text) or text[:5].lower() == "data:" or _is_url(text)):
             return value
         value = text
     match = _DATA_URI.match(value)
@@ -46,8 +48,8 @@ def image_bytes(value: str | bytes, index: int) -> bytes:
         text = _WHITESPACE.sub("", value[match.end():])
     elif value[:5].lower() == "data:":
         raise InvalidImage(f"image {index}: data URIs must be base64 (data:<type>;base64,<data>)")
-    elif value.startswith(("http://", "https://")):
-        raise InvalidOption(f"image {index}: URLs are not fetched; send the image as a data URI or base64")
+    elif _is_url(value):
+        return ImageURL(value.strip())
     elif not value.strip():
         raise InvalidImage(f"image {index}: empty")
     elif _BASE64.match(value):
@@ -62,6 +64,10 @@ def image_bytes(value: str | bytes, index: int) -> bytes:
     if not data:
         raise InvalidImage(f"image {index}: empty")
     return data
+
+
+def _is_url(text: str) -> bool:
+    return text.lstrip()[:8].lower().startswith(("http://", "https://"))
 
 
 def check_image_count(count: int, limit: int, how: str) -> None:
@@ -105,8 +111,10 @@ async def _read_form(request: Request, content_type: str, *, max_images: int, ma
         raise InvalidBody(f"malformed form body: {detail}") from e
 
 
-async def read_request(request: Request, *, max_images: int, max_body_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
-    """(image bytes in order, raw options) from a multipart, url-encoded or JSON request plus its query."""
+async def read_request(request: Request, *, max_images: int,
+                       max_body_bytes: int) -> tuple[list[bytes | ImageURL], dict[str, Any]]:
+    """(images in order: file bytes or URLs, raw options) from a multipart, url-encoded or JSON request plus its
+    query."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     images: list[bytes | str] = []

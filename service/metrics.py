@@ -39,6 +39,8 @@ class Metrics(BatchObserver):
         self.images = Counter("mae_images", "images processed by route", ["route"], registry=r)
         self.rejections = Counter("mae_rejections", "requests refused, by reason (the error type)", ["reason"],
                                   registry=r)
+        self.url_fetches = Counter("mae_url_fetches", "image URLs fetched (MAE_URL_ALLOWLIST), by outcome: ok or "
+                                   "the error type", ["outcome"], registry=r)
         self.dropped = Counter("mae_dropped_images", "images dropped before compute: their deadline passed, or "
                                "would have before their batch ended", ["queue"], registry=r)
         self.cancelled_images = Counter("mae_cancelled_images", "images taken out of a queue before compute: "
