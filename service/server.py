@@ -219,11 +219,9 @@ class Server:
         timing = BatchTiming()
         request.state.timing = timing
         queue = self.queue(job.key, task.runner(job))
-        fetches = asyncio.Semaphore(FETCHES_PER_REQUEST)
         try:
             with queue.reserve(len(images)) as reservation:
-                decoded = await asyncio.gather(*(self._model_image(image, i, fetches, min(deadline, finish_by))
-                                                 for i, image in enumerate(images)))
+                decoded = await self._model_images(images, min(deadline, finish_by))
                 payloads = [job.payload(image) for image in decoded]
                 outputs = await reservation.submit(payloads, deadline, timing, finish_by)
         except QueueFull as e:
@@ -240,6 +238,18 @@ class Server:
         if task.heavy_result:
             return await self.offload(task.result, job, payloads, outputs)
         return task.result(job, payloads, outputs)
+
+    async def _model_images(self, images: list[ImageSource], fetch_by: float) -> list[ModelImage]:
+        """Every image at the model's input, fetched and decoded side by side. The first failure is the request's
+        answer and cancels the fetches still running or waiting, which would only hold connections for it."""
+        fetches = asyncio.Semaphore(FETCHES_PER_REQUEST)
+        steps = [asyncio.ensure_future(self._model_image(image, i, fetches, fetch_by)) for i, image in enumerate(images)]
+        try:
+            return await asyncio.gather(*steps)
+        except BaseException:
+            for step in steps:
+                step.cancel()
+            raise
 
     async def _model_image(self, image: ImageSource, index: int, fetches: asyncio.Semaphore,
                            fetch_by: float) -> ModelImage:

@@ -1,5 +1,5 @@
-"""Image URLs (MAE_URL_ALLOWLIST): fetched from a real HTTP server on loopback, in every protocol that carries text,
-and refused when the host or any address it resolves to is not allowed, on a redirect to such a host, when the
+"""Image URLs (MAE_URL_ALLOWLIST): fetched from a real HTTP server on loopback, in every protocol that carries text
+and by /search, and refused when the host or any address it resolves to is not allowed, on a redirect to such a host, when the
 origin is too slow or its body too large or not an image; the server goes on serving after each."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from service_helpers import make_client, metric, sample_png, server_process
+from service_helpers import SAMPLES, make_client, metric, sample_png, server_process
 from test_intake import B64, embed, error_of, vectors
 
 from service.fetch import Allowlist
@@ -103,10 +103,14 @@ def origin() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model_dir: Path) -> Iterator[str]:
-    """The server as a process on a real socket, fetching from loopback (127.0.0.1 listed explicitly)."""
+def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server as a process on a real socket, fetching from loopback (127.0.0.1 listed explicitly), with the
+    bundled samples as its /search gallery."""
+    gallery = tmp_path_factory.mktemp("gallery")
+    for sample in SAMPLES.glob("*.png"):
+        (gallery / sample.name).write_bytes(sample.read_bytes())
     env = {"MAE_URL_ALLOWLIST": "127.0.0.1, images.example.com", "MAE_URL_TIMEOUT_S": str(TIMEOUT_S),
-           "MAE_URL_MAX_BYTES": str(MAX_BYTES), "MAE_URL_MAX_REDIRECTS": "2"}
+           "MAE_URL_MAX_BYTES": str(MAX_BYTES), "MAE_URL_MAX_REDIRECTS": "2", "MAE_GALLERY": str(gallery)}
     with server_process(tiny_model_dir, env=env) as (url, _):
         yield url
 
@@ -133,6 +137,13 @@ def test_a_url_is_the_same_embedding_as_the_upload(live: str, origin: str, refer
     images = [f"{origin}/sneaker.png", B64, f"{origin}/redirect?to=/sneaker.png", f"{origin}/octet-stream"]
     got = vectors(embed(live, protocol, images), protocol)
     np.testing.assert_allclose(got, np.stack([reference] * len(images)), atol=1e-5, rtol=0)
+
+
+def test_search_takes_a_url(live: str, origin: str) -> None:
+    by_url = httpx.post(f"{live}/search", json={"image": f"{origin}/sneaker.png", "k": 3}, timeout=30)
+    uploaded = httpx.post(f"{live}/search", json={"image": B64, "k": 3}, timeout=30)
+    assert by_url.status_code == uploaded.status_code == 200, by_url.text
+    assert by_url.json()["data"] == uploaded.json()["data"] and "sneaker" in by_url.text
 
 
 def test_hosts_not_listed_are_refused_before_any_connection(live: str, origin: str) -> None:
@@ -203,6 +214,17 @@ def test_a_slow_origin_is_cut_off_at_the_timeout(live: str, origin: str) -> None
                           timeout=10)
     assert response.status_code == 504 and "the request's deadline" in response.text, response.text
     assert time.monotonic() - started < 0.3 + 1.5
+
+
+def test_a_failed_image_cancels_the_requests_other_fetches(live: str, origin: str) -> None:
+    """The slow fetch beside a 404 is cancelled with the request's answer: it never runs on to its timeout."""
+    timeouts = lambda: metric(httpx.get(f"{live}/metrics", timeout=5).text, "mae_url_fetches_total",  # noqa: E731
+                              outcome="fetch_timeout")
+    before = timeouts()
+    response = embed(live, "native-json", [f"{origin}/slow", f"{origin}/missing.png"])
+    assert response.status_code == 422 and "image 1: the URL answered HTTP 404" in response.text, response.text
+    time.sleep(TIMEOUT_S + 0.5)
+    assert timeouts() == before
 
 
 def test_oversized_bodies_are_refused(live: str, origin: str) -> None:
