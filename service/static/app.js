@@ -1,23 +1,25 @@
-// Demo page: calls the public API (/reconstruct as JSON, /classify) with the chosen image and options.
+// Demo page: calls the public API (/reconstruct as JSON, /classify, /search when /info names a gallery) with the
+// chosen image and options; opens with the first bundled sample chosen.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { image: null, busy: false, again: false, timer: null };
+const NEIGHBORS = 8;  // gallery images shown per query
+const state = { image: null, busy: false, again: false, timer: null, gallery: null, thumbnails: [] };
 
 function headers() {
   const key = $("api-key").value.trim();
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
-function form(extra) {
+function form(image, extra) {
   const body = new FormData();
-  body.append("image", state.image, state.image.name || "image.png");
+  body.append("image", image, image.name || "image.png");
   for (const [k, v] of Object.entries(extra)) body.append(k, v);
   return body;
 }
 
-async function call(path, extra) {
-  const response = await fetch(path, { method: "POST", headers: headers(), body: form(extra) });
+async function call(path, image, extra) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: form(image, extra) });
   const body = await response.json();
   if (response.status === 401) $("key-row").hidden = false;
   return { status: response.status, body };
@@ -64,6 +66,40 @@ function showLabels(response) {
   $("labels").hidden = false;
 }
 
+async function thumbnail(id) {
+  // fetched, not an <img src>, so that the API key (when one is set) goes with the request
+  const response = await fetch(`/gallery/${id}/image`, { headers: headers() });
+  if (!response.ok) return null;
+  const url = URL.createObjectURL(await response.blob());
+  state.thumbnails.push(url);
+  return url;
+}
+
+async function showNeighbors(response) {
+  if (!state.gallery) return;
+  if (response.status !== 200) {
+    setStatus(response.body.error ? response.body.error.message : `search error ${response.status}`, true);
+    return;
+  }
+  const neighbors = response.body.data[0].neighbors;
+  const previous = state.thumbnails.splice(0);
+  const urls = state.gallery.images ? await Promise.all(neighbors.map((n) => thumbnail(n.id))) : [];
+  previous.forEach((url) => URL.revokeObjectURL(url));  // the last query's pictures, replaced below
+  const figures = neighbors.map((n, i) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.alt = n.label || n.path || `item ${n.id}`;
+    if (urls[i]) img.src = urls[i];
+    const caption = document.createElement("figcaption");
+    caption.textContent = `${n.label ?? "–"} · ${n.score.toFixed(3)}`;
+    figure.dataset.id = String(n.id);
+    figure.append(img, caption);
+    return figure;
+  });
+  $("neighbor-list").replaceChildren(...figures);
+  $("neighbors").hidden = false;
+}
+
 async function run() {
   if (!state.image) return;
   if (state.busy) { state.again = true; return; }
@@ -72,14 +108,19 @@ async function run() {
   try {
     const options = { mask_ratio: $("ratio").value, response_format: "json" };
     if ($("seed").value !== "") options.seed = $("seed").value;
-    const [rec, cls] = await Promise.all([call("/reconstruct", options), call("/classify", { top_k: 5 })]);
+    const image = state.image;
+    const [rec, cls, near] = await Promise.all([
+      call("/reconstruct", image, options), call("/classify", image, { top_k: 5 }),
+      state.gallery ? call("/search", image, { k: Math.min(NEIGHBORS, state.gallery.size) }) : null]);
     if (rec.status === 200) {
       showReconstruction(rec.body);
+      $("result").dataset.image = image.name || "";
       setStatus("");
     } else {
       setStatus(rec.body.error ? rec.body.error.message : `error ${rec.status}`, true);
     }
     showLabels(cls);
+    if (near) await showNeighbors(near);
   } catch (err) {
     setStatus(`request failed: ${err}`, true);
   } finally {
@@ -99,10 +140,16 @@ function useImage(blob) {
   run();
 }
 
+async function useSample(sample) {
+  const blob = await (await fetch(sample.url)).blob();
+  useImage(new File([blob], `${sample.name}.png`, { type: blob.type }));
+}
+
 async function loadSamples() {
   const response = await fetch("/samples");
-  if (!response.ok) return;
-  for (const sample of await response.json()) {
+  if (!response.ok) return [];
+  const samples = await response.json();
+  for (const sample of samples) {
     const button = document.createElement("button");
     button.type = "button";
     button.title = sample.name;
@@ -110,12 +157,10 @@ async function loadSamples() {
     img.src = sample.url;
     img.alt = sample.name;
     button.append(img);
-    button.addEventListener("click", async () => {
-      const blob = await (await fetch(sample.url)).blob();
-      useImage(new File([blob], `${sample.name}.png`, { type: blob.type }));
-    });
+    button.addEventListener("click", () => useSample(sample));
     $("samples").append(button);
   }
+  return samples;
 }
 
 async function loadInfo() {
@@ -125,6 +170,11 @@ async function loadInfo() {
   const a = info.model.architecture;
   $("model-line").textContent = `${info.model.name} · ${a.img_size}×${a.img_size} pixels in ${a.num_patches} ` +
     `patches of ${a.patch_size}×${a.patch_size} · ${info.runtime.device}`;
+  state.gallery = info.gallery;
+  if (info.gallery) {
+    $("gallery-line").textContent = `${info.gallery.origin} · cosine similarity of ${info.gallery.source} ` +
+      `embeddings${info.gallery.pooling ? ` (${info.gallery.pooling})` : ""}`;
+  }
 }
 
 function init() {
@@ -141,8 +191,10 @@ function init() {
   $("seed").addEventListener("change", schedule);
   $("reseed").addEventListener("click", () => { $("seed").value = ""; run(); });
   $("api-key").addEventListener("change", schedule);
-  loadSamples();
-  loadInfo();
+  // the page opens with the first sample chosen, once /info has said whether there is a gallery to search
+  Promise.all([loadSamples(), loadInfo()]).then(([samples]) => {
+    if (samples.length && !state.image) useSample(samples[0]);
+  });
   document.body.dataset.ready = "true";
 }
 
