@@ -5,7 +5,10 @@ origin is too slow or its body too large or not an image; the server goes on ser
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -271,3 +274,48 @@ def test_allowlist_entries() -> None:
             Allowlist([bad])
         with pytest.raises(ValueError, match="MAE_URL_ALLOWLIST|url_allowlist"):
             Settings(url_allowlist=bad)
+
+
+@pytest.fixture(scope="module")
+def tls_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The origin over TLS on 127.0.0.1, its self-signed certificate for IP 127.0.0.1 only: (base URL, cert)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    httpd.daemon_threads = True
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}", cert
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_https_verifies_the_certificate_and_the_name(tiny_model_dir: Path, tls_origin: tuple[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trusted (SSL_CERT_FILE names the origin's certificate): the same embedding as the upload. Untrusted, or
+    trusted but for another name than the URL's: fetch_failed, nothing embedded."""
+    url, cert = tls_origin
+    port = url.rsplit(":", 1)[1]
+    with make_client(tiny_model_dir, url_allowlist="127.0.0.1") as client:
+        untrusted = client.post("/embed", json={"image": f"{url}/sneaker.png"})
+        assert untrusted.status_code == 422 and "certificate verify failed" in untrusted.text, untrusted.text
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    with make_client(tiny_model_dir, url_allowlist="127.0.0.1,localhost,::1") as client:
+        fetched = client.post("/embed", json={"image": f"{url}/sneaker.png"})
+        uploaded = client.post("/embed", json={"image": B64})
+        assert fetched.status_code == 200, fetched.text
+        np.testing.assert_allclose(fetched.json()["data"][0]["embedding"], uploaded.json()["data"][0]["embedding"],
+                                   atol=1e-6, rtol=0)
+        other_name = client.post("/embed", json={"image": f"https://localhost:{port}/sneaker.png"})
+        assert other_name.status_code == 422 and "fetch_failed" in other_name.text, other_name.text
+        assert "certificate" in other_name.text or "match" in other_name.text, other_name.text
