@@ -25,7 +25,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(PY)
 # Everything the tests need: torch pinned to the CPU build on this machine's disk, then the extras.
 $(VENV)/.test-installed: pyproject.toml | $(PY)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[cpu,train,torch,dev]'
+	$(PIP) install -q -e '.[cpu,train,torch,dev,bulk]'
 	touch $@ $(VENV)/.serve-installed
 
 # Debian packages, installed when running as root with apt; without them their tests skip and say why.

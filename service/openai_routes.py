@@ -22,7 +22,8 @@ from service.responses import JSONResponse
 from service.schemas import ERROR_RESPONSES, EmbeddingSource, ErrorResponse
 
 if TYPE_CHECKING:
-    from service.server import Server
+    from model_dir.schema import ModelJson
+    from service.tasks import Embeddings, EmbedJob, EmbedTask
 
 router = APIRouter(tags=["OpenAI-style"])
 
@@ -75,13 +76,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def _check(body: dict[str, Any], server: Server) -> EmbeddingsRequest:
+def check_request(body: dict[str, Any], spec: ModelJson) -> EmbeddingsRequest:
+    """A body of /v1/embeddings -> the checked request for the model `spec` describes (422, or 404 for another
+    model's name); the route and mae-embed's OpenAI batch files (service/bulk_embed.py) both go through it."""
     raw_input = body.get("input")
     if isinstance(raw_input, list) and raw_input and not all(isinstance(x, str) for x in raw_input):
         raise InvalidOption("input: token arrays are text; this model embeds images only "
                             "(send data URIs or base64 strings)")
     request = parse_options(EmbeddingsRequest, body)
-    spec = server.model_dir.spec
     if request.model != spec.name:
         raise NotFound(f"model {request.model!r} is not served here; this server serves {spec.name!r}")
     if request.modality == "text":
@@ -89,10 +91,24 @@ def _check(body: dict[str, Any], server: Server) -> EmbeddingsRequest:
     return request
 
 
-def _check_dimensions(request: EmbeddingsRequest, dim: int, server: Server) -> None:
+def embed_job(request: EmbeddingsRequest, task: EmbedTask) -> EmbedJob:
+    """The /embed job of a checked request: the embedding /embed returns by default (pooled as the model's default,
+    L2-normalized), in the request's encoding and source; 422 for `dimensions` other than the model's own size."""
+    job = task.job({"encoding_format": request.encoding_format, "source": request.source})
+    dim = task.dim(job)
     if request.dimensions is not None and request.dimensions != dim:
-        raise InvalidOption(f"dimensions {request.dimensions}: model {server.model_dir.spec.name} serves {dim}-d "
+        raise InvalidOption(f"dimensions {request.dimensions}: model {task.spec.name} serves {dim}-d "
                             "embeddings only (they are not trained to be truncated)")
+    return job
+
+
+def embeddings_response(request: EmbeddingsRequest, result: Embeddings, num_patches: int) -> EmbeddingsResponse:
+    """The OpenAI-style body of a request's embeddings; usage counts patch tokens (images x patches)."""
+    patch_tokens = len(result.vectors) * num_patches
+    return EmbeddingsResponse.model_construct(
+        object="list", model=request.model,
+        data=[Embedding.model_construct(object="embedding", index=i, embedding=e) for i, e in enumerate(result.encoded())],
+        usage=EmbeddingsUsage.model_construct(prompt_tokens=patch_tokens, total_tokens=patch_tokens))
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES, openapi_extra={"requestBody": {"required": True, "content": {
@@ -104,22 +120,16 @@ async def create_embeddings(request: Request) -> JSONResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not is_json(content_type):
         raise UnsupportedMediaType(f"content type {content_type or '(none)'!r}: /v1/embeddings takes application/json")
-    body = _check(await read_json_object(request, 'e.g. {"model": "...", "input": ["data:image/png;base64,..."]}'),
-                  server)
+    body = check_request(await read_json_object(request, 'e.g. {"model": "...", "input": ["data:image/png;base64,..."]}'),
+                         server.model_dir.spec)
     texts = [body.input] if isinstance(body.input, str) else body.input
     check_image_count(len(texts), settings.max_images_per_request,
                       "send 'input': a data URI or the base64 of an image file, or a list of them")
     images = [image_bytes(text, i) for i, text in enumerate(texts)]
     task = server.tasks.embed
-    # the embedding /embed returns by default (pooled as the model's default, L2-normalized)
-    job = task.job({"encoding_format": body.encoding_format, "source": body.source})
-    _check_dimensions(body, task.dim(job), server)
+    job = embed_job(body, task)
     result = await server.run(request, task, job, images)
-    patch_tokens = len(result.vectors) * server.model_dir.spec.architecture.num_patches
-    return JSONResponse(EmbeddingsResponse.model_construct(
-        object="list", model=body.model,
-        data=[Embedding.model_construct(object="embedding", index=i, embedding=e) for i, e in enumerate(result.encoded())],
-        usage=EmbeddingsUsage.model_construct(prompt_tokens=patch_tokens, total_tokens=patch_tokens)))
+    return JSONResponse(embeddings_response(body, result, server.model_dir.spec.architecture.num_patches))
 
 
 @router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})

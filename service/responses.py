@@ -23,6 +23,11 @@ def _model_fields(value: Any) -> dict[str, Any]:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def dumps(content: Any) -> bytes:
+    """`content` as the routes write it (also mae-embed's JSON lines)."""
+    return orjson.dumps(content, default=_model_fields, option=_OPTIONS)
+
+
 class JSONResponse(_StarletteJSONResponse):
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, default=_model_fields, option=_OPTIONS)
+        return dumps(content)
