@@ -40,7 +40,7 @@ from service.inputs import check_image_count, image_bytes
 from service.openai_routes import check_request, embed_job, embeddings_response
 from service.responses import dumps
 from service.server import checked_decode, open_engine
-from service.settings import Settings
+from service.settings import Settings, usable_cores
 from service.tasks import EmbedTask
 
 # the files a folder, a tree or a list file contributes (a glob takes every file it matches)
@@ -143,6 +143,10 @@ class LocalEmbedder:
     def __init__(self, settings: Settings, options: dict[str, Any], batch_size: int | None,
                  decode_threads: int | None):
         self.model_dir = load_model_dir(settings.model_dir, verify_hashes=settings.verify_hashes)
+        # one engine call at a time (no batcher, no call beside it): unless set, every core in one session (no
+        # lone-batch copy); the decode threads, a few percent of the encoder's work, run between its operators
+        own = {"intra_op_threads": usable_cores(), "lone_batch_all_cores": False}
+        settings = settings.model_copy(update={k: v for k, v in own.items() if k not in settings.model_fields_set})
         self.engine = open_engine(self.model_dir, settings.for_device(settings.device))
         self.settings = settings.for_device(self.engine.device)
         self.batch_size = batch_size or self.settings.max_batch_size
