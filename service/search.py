@@ -183,7 +183,7 @@ def parquet_gallery(file: Path, spec: ModelJson, max_items: int) -> Gallery:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise GalleryError(f"gallery {file}: reading Parquet needs pyarrow (pip install pyarrow)") from e
+        raise GalleryError(f"gallery {file}: reading Parquet needs pyarrow (pip install 'mae-service[bulk]')") from e
     try:
         table = pq.read_table(file)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet

@@ -159,8 +159,8 @@ class Settings(BaseSettings):
         "by subfolder, embedded at startup before the server is ready), none, or auto (the bundled model: its 1000 "
         "bundled Fashion-MNIST test images; another model: none)")
     gallery_max_items: int = Field(
-        1_000_000, ge=1, description="a larger gallery is refused at startup: search is exact (one matmul over the "
-        "gallery per batch of queries), its time and memory (items x dim x 4 bytes) grow linearly")
+        250_000, ge=1, description="a larger gallery is refused at startup: search is exact (one matmul over the "
+        "gallery per batch of queries), its time and memory (items x dim x 4 bytes) grow linearly with it")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="request body limit (413)")
     max_drain_bytes: int = Field(

@@ -294,7 +294,7 @@ def test_info_health_and_metrics(client: TestClient) -> None:
     assert info["runtime"]["device"] == "cpu"
     assert info["runtime"]["graphs"]["encoder"]["providers"] == ["CPUExecutionProvider"]
     assert set(info["runtime"]["graphs"]) == {"encoder", "decoder", "classifier"}
-    assert info["routes"] == {"embed": True, "reconstruct": True, "classify": True}
+    assert info["routes"] == {"embed": True, "reconstruct": True, "classify": True, "search": False}
     assert info["batching"]["max_batch_size"] == 32
     assert client.get("/health/live").json() == {"status": "live"}
     assert client.get("/health/ready").status_code == 200
@@ -389,7 +389,8 @@ def test_not_available_without_decoder_or_classifier(encoder_only_dir: Path) -> 
         assert c.post("/embed", files=files(sample_png())).status_code == 200
         assert error_of(c.post("/reconstruct", files=files(sample_png()))) == (404, "not_available")
         assert error_of(c.post("/classify", files=files(sample_png()))) == (404, "not_available")
-        assert c.get("/info").json()["routes"] == {"embed": True, "reconstruct": False, "classify": False}
+        assert c.get("/info").json()["routes"] == {"embed": True, "reconstruct": False, "classify": False,
+                                                    "search": False}
 
 
 def test_api_keys(tiny_model_dir: Path) -> None:
