@@ -34,7 +34,8 @@ import numpy as np
 
 from model_dir.schema import ModelDirError, load_model_dir
 from service.engine import RuntimeConfigError
-from service.errors import InvalidBody, NotFound, ServiceError
+from service.errors import InvalidBody, InvalidOption, NotFound, ServiceError
+from service.fetch import ImageURL
 from service.imaging import ImageRejected, ModelImage, load_model_image
 from service.inputs import check_image_count, image_bytes
 from service.openai_routes import check_request, embed_job, embeddings_response
@@ -455,6 +456,10 @@ def _parse_batch_line(line: str, embedder: LocalEmbedder) -> BatchRequest:
         check_image_count(len(texts), embedder.settings.max_images_per_request,
                           "send 'input': a data URI or the base64 of an image file, or a list of them")
         data = [image_bytes(text, i) for i, text in enumerate(texts)]
+        urls = [i for i, d in enumerate(data) if isinstance(d, ImageURL)]
+        if urls:  # a batch file is read offline: nothing is fetched
+            raise InvalidOption(f"image {urls[0]}: a URL; a batch file's images are data URIs or base64 (mae-embed "
+                                "fetches nothing)")
         job = embed_job(request, embedder.task)
         images = [checked_decode(embedder.decode, i, d) for i, d in enumerate(data)]
         return BatchRequest(entry_id, request, job, images)

@@ -217,6 +217,8 @@ def test_openai_batch_file_answers_as_v1_embeddings(tmp_path: Path) -> None:
     ]
     lines = [{"custom_id": f"request-{n}", "method": "POST", "url": "/v1/embeddings", "body": b}
              for n, b in enumerate(bodies)]
+    lines.append({"custom_id": "url", "method": "POST", "url": "/v1/embeddings",  # a batch file fetches nothing
+                  "body": {"model": MODEL["name"], "input": "http://127.0.0.1:9/image.png"}})
     lines.append({"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions", "body": {}})
     source, out = tmp_path / "in.jsonl", tmp_path / "results.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -241,6 +243,7 @@ def test_openai_batch_file_answers_as_v1_embeddings(tmp_path: Path) -> None:
             for a, b in zip(got["data"], want["data"], strict=True):
                 assert type(a["embedding"]) is type(b["embedding"])  # a list of floats, or a base64 string
                 np.testing.assert_allclose(vector(a["embedding"]), vector(b["embedding"]), atol=1e-5, rtol=0)
+    assert results[-2]["response"]["status_code"] == 422 and results[-2]["error"]["code"] == "invalid_option"
     assert results[-1]["response"]["status_code"] == 404
 
     whole = out.read_bytes().splitlines(keepends=True)
