@@ -97,7 +97,7 @@ def test_torch_extra_is_the_torch_engine_and_admits_this_machines_torch(pyprojec
     spec = next(Requirement(r) for r in torch_extra if _canon(Requirement(r).name) == "torch").specifier
     assert spec.contains("2.13.0") and not spec.contains("2.14.0")
     assert not set(_names(torch_extra)) & {"onnxruntime", "onnxruntime-gpu"}, "the ONNX Runtime build stays cpu/gpu's"
-    assert "'.[cpu,train,torch,dev]'" in (ROOT / "Makefile").read_text(), "CI tests the torch engine"
+    assert "'.[cpu,train,torch,dev,bulk]'" in (ROOT / "Makefile").read_text(), "CI tests the torch engine (and mae-embed)"
 
 
 def test_core_dependencies_have_no_torch(pyproject):
