@@ -1,7 +1,8 @@
 """mae-embed in process against the raw engine on the same images: images/s, and their ratio.
 
-The raw engine is `engine.embed` on images decoded beforehand, at each batch size of `--batch-sizes` (the
-fastest counts), on the engine mae-embed opens (every core, unless MAE_INTRA_OP_THREADS says otherwise); mae-embed is
+The raw engine is `engine.embed` on images decoded beforehand, at each batch size of `--batch-sizes`, in two
+modes (the fastest of all counts): mae-embed's engine (an engine thread per call) with as many calls at once as
+mae-embed has workers, and one call at a time on an engine with every core in one session; mae-embed is
 `embed_files` on the PNG files on disk (reading, decoding, the EmbedTask's pooling and normalization, the Parquet
 row groups and their merge included), on the same engine opened once (opening it is not counted for either).
 Rounds interleave the two, so that a machine that slows down slows both; the ratio is the median of the
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.bulk_embed import LocalEmbedder, embed_files, find_inputs  # noqa: E402
 from service.engine import Engine  # noqa: E402
+from service.server import open_engine  # noqa: E402
 from service.settings import Settings, usable_cores  # noqa: E402
 from training.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, read_idx  # noqa: E402
 
@@ -46,11 +49,12 @@ def write_pngs(root: Path, count: int) -> None:
         Image.fromarray(image, "L").save(folder / f"{index:05d}.png")
 
 
-def raw_rate(engine: Engine, pixels: np.ndarray, batch: int) -> float:
-    """Images/s of engine.embed over every image at `batch`."""
+def raw_rate(engine: Engine, pixels: np.ndarray, batch: int, calls: int) -> float:
+    """Images/s of engine.embed over every image at `batch`, `calls` calls at once (a thread each)."""
+    chunks = [pixels[start:start + batch] for start in range(0, len(pixels), batch)]
     started = time.perf_counter()
-    for start in range(0, len(pixels), batch):
-        engine.embed(pixels[start:start + batch])
+    with ThreadPoolExecutor(calls) as pool:
+        list(pool.map(engine.embed, chunks))
     return len(pixels) / (time.perf_counter() - started)
 
 
@@ -70,25 +74,34 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch-sizes", default="8,16,32,64,128", help="the raw engine's")
     p.add_argument("--batch-size", type=int, help="mae-embed's (default: its own, MAE_MAX_BATCH_SIZE)")
-    p.add_argument("--decode-threads", type=int, help="mae-embed's (default: its own, MAE_DECODE_THREADS)")
+    p.add_argument("--workers", type=int, help="mae-embed's (default: its own, one per usable core)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bulk_embed.json")
     args = p.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
     embedder = LocalEmbedder(Settings(), {"source": "encoder", "pooling": None, "normalize": True},
-                             args.batch_size, args.decode_threads)
+                             args.batch_size, args.workers)
+    # the raw engine at its best: mae-embed's engine (an engine thread per call) with as many calls at once as it
+    # has workers, and one call at a time on an engine with every core in one session
+    cores = usable_cores()
+    all_cores = open_engine(embedder.model_dir, Settings(intra_op_threads=cores, lone_batch_all_cores=False))
+    modes = {f"{embedder.workers} calls at once": (embedder.engine, embedder.workers),
+             f"1 call on {cores} threads": (all_cores, 1)}
     work = Path(tempfile.mkdtemp(prefix="bulk-embed-bench-"))
     try:
         write_pngs(work / "tree", args.images)
         files = [Path(i.path).read_bytes() for i in find_inputs([str(work / "tree")])]
         pixels = np.stack([embedder.decode(data).pixels for data in files])
-        raw: dict[int, list[float]] = {b: [] for b in sizes}
+        raw: dict[str, list[float]] = {f"{mode}, batch {b}": [] for mode in modes for b in sizes}
         ours: list[float] = []
-        for b in sizes:  # first-call allocations at every size
-            raw_rate(embedder.engine, pixels[:b], b)
-        for r in range(args.rounds):
+        for engine, calls in modes.values():  # first-call allocations at every size
             for b in sizes:
-                raw[b].append(raw_rate(embedder.engine, pixels, b))
+                raw_rate(engine, pixels[:b * calls], b, calls)
+        mae_embed_rate(embedder, work / "tree", work / "out.parquet")  # the same first calls, and the page cache
+        for r in range(args.rounds):
+            for mode, (engine, calls) in modes.items():
+                for b in sizes:
+                    raw[f"{mode}, batch {b}"].append(raw_rate(engine, pixels, b, calls))
             ours.append(mae_embed_rate(embedder, work / "tree", work / "out.parquet"))
             print(f"round {r + 1}/{args.rounds}: mae-embed {ours[-1]:.0f} images/s; raw best "
                   f"{max(v[-1] for v in raw.values()):.0f}", file=sys.stderr, flush=True)
@@ -103,8 +116,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu": platform.processor() or platform.machine(), "usable_cores": usable_cores()},
         "model": embedder.model, "device": embedder.engine.device, "images": args.images, "rounds": args.rounds,
-        "mae_embed": {"batch_size": embedder.batch_size, "decode_threads": embedder.decode_threads,
-                      "engine_threads": embedder.settings.intra_op_threads,
+        "mae_embed": {"batch_size": embedder.batch_size, "workers": embedder.workers,
+                      "engine_threads_per_call": embedder.settings.ort_threads_per_call(),
                       "images_per_s": ours, "median": ours_median},
         "raw_engine": {"images_per_s": raw, "median": raw_median, "best": best},
         # each round's mae-embed over that round's fastest raw batch: the two measured minutes apart at most
@@ -113,8 +126,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"mae-embed {ours_median:.0f} images/s (batch {embedder.batch_size}, {embedder.decode_threads} decode threads); "
-          f"raw engine best {raw_median[best]:.0f} images/s (batch {best}); ratio {report['ratio']:.3f} (median of the rounds') -> {args.out}")
+    print(f"mae-embed {ours_median:.0f} images/s (batch {embedder.batch_size}, {embedder.workers} workers); "
+          f"raw engine best {raw_median[best]:.0f} images/s ({best}); ratio {report['ratio']:.3f} (median of the "
+          f"rounds') -> {args.out}")
 
 
 if __name__ == "__main__":
