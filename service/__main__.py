@@ -19,7 +19,6 @@ from pydantic import ValidationError
 from model_dir.schema import ModelDirError, load_model_dir
 from service import __version__
 from service.engine import RuntimeConfigError
-from service.http_protocol import CoalescingHttpToolsProtocol
 from service.metrics import MULTIPROC_DIR_ENV
 from service.settings import Settings
 
@@ -89,7 +88,7 @@ def cli(argv: list[str] | None = None) -> None:
     # not a server problem, and a client could fill the log with them
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                  timeout_graceful_shutdown=settings.graceful_shutdown_s, http=CoalescingHttpToolsProtocol)
+                  timeout_graceful_shutdown=settings.graceful_shutdown_s)
     try:
         if settings.workers == 1:
             from service.app import create_app
