@@ -167,8 +167,12 @@ class Engine(ABC):
         sizes = range(1, self.max_batch + 1) if self.device != "cpu" else range(1, 2)
         for alone in (False, True) if self.lone_threads else (False,):
             for batch in sizes:
-                for graph, inputs in self.warm_up_cases(batch):
+                cases = self.warm_up_cases(batch)
+                for graph, inputs in cases:
                     calls[graph](*inputs, alone=alone)
+                if self.device != "cpu":  # /embed's path on a device, its pooling there included
+                    pixels = cases[0][1][0]  # the full-image encoder's
+                    self.embed(pixels, alone=alone)
 
     def checked_precision(self, graph: str) -> str:
         """The precision whose gate the self-check applies to the graph: its precision, unless the device computes
