@@ -150,7 +150,7 @@ class LocalEmbedder:
         workers = workers or usable_cores()
         own = {"inference_threads": workers, "lone_batch_all_cores": False}
         settings = settings.model_copy(update={k: v for k, v in own.items() if k not in settings.model_fields_set})
-        self.engine = open_engine(self.model_dir, settings.for_device(settings.device))
+        self.engine = open_engine(self.model_dir, settings)
         self.settings = settings.for_device(self.engine.device)
         self.batch_size = batch_size or self.settings.max_batch_size
         self.engine.max_batch = self.batch_size

@@ -31,8 +31,8 @@ WARMUP_MASK_RATIO = 0.75
 RunObserver = Callable[[str, int, float, int], None]
 DeviceObserver = Callable[[str, str], None]  # (the device that failed, why) after a device failure
 FAILOVER = ("unready", "cpu")  # what a device failure after start-up does: report not-ready, or move to the CPU
-# in the message of an error that the device raised (a CUDA, cuDNN, cuBLAS or TensorRT status), in either engine
-DEVICE_ERROR_WORDS = ("CUDA", "CUDNN", "cuDNN", "CUBLAS", "TensorRT", "TENSORRT")
+# in the message (lower-cased) of an error that the device raised: a CUDA, cuDNN, cuBLAS or TensorRT status
+DEVICE_ERROR_WORDS = ("cuda", "cudnn", "cublas", "tensorrt")
 DEVICE_ERROR_TYPES = ("EPFail", "AcceleratorError")  # ONNX Runtime's execution-provider failure; torch's device error
 
 
@@ -57,9 +57,10 @@ def is_device_error(error: BaseException) -> bool:
     """Whether an engine call failed for the device rather than for its inputs: ONNX Runtime's EPFail, torch's
     AcceleratorError, or an error whose message is a CUDA/cuDNN/cuBLAS/TensorRT status. Running out of device
     memory is the batch's doing, not a failed device."""
-    if "out of memory" in str(error).lower():
+    message = str(error).lower()
+    if "out of memory" in message:
         return False
-    return type(error).__name__ in DEVICE_ERROR_TYPES or any(word in str(error) for word in DEVICE_ERROR_WORDS)
+    return type(error).__name__ in DEVICE_ERROR_TYPES or any(word in message for word in DEVICE_ERROR_WORDS)
 
 
 class RuntimeConfigError(RuntimeError):

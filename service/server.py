@@ -56,7 +56,10 @@ def checked_decode(step: Callable[..., Any], index: int, *args: Any) -> Any:
 
 
 def open_engine(model_dir: ModelDir, settings: Settings, on_run: RunObserver | None = None) -> Engine:
-    """The engine `settings.engine` names, on the device and precision the settings ask for."""
+    """The engine `settings.engine` names, on the device and precision the settings ask for; a GPU asked for by
+    name with its defaults (TensorRT's profile needs the batch size). A caller takes the defaults of the device the
+    engine got (`Settings.device_defaults`: `auto` may have found a GPU) and sets `engine.max_batch` from them."""
+    settings = settings.for_device(settings.device)
     if settings.engine == "torch":
         try:
             from service.engine_torch import TorchEngine
@@ -88,11 +91,10 @@ class Server:
         self.fetcher = Fetcher(Allowlist(settings.url_allowlist), timeout_s=settings.url_timeout_s,
                                max_bytes=settings.url_max_bytes, max_redirects=settings.url_max_redirects,
                                observe=lambda outcome: self.metrics.url_fetches.labels(outcome).inc())
-        # a GPU asked for by name gets the GPU defaults before the engine opens (TensorRT's profile needs the
-        # batch size); one that `auto` found, once it is open
-        self.engine = open_engine(self.model_dir, settings.for_device(settings.device), on_run=self.metrics.ort_run)
-        self.device_defaults = sorted(settings.device_defaults(self.engine.device))  # for /info
-        self.settings = settings = settings.for_device(self.engine.device)
+        self.engine = open_engine(self.model_dir, settings, on_run=self.metrics.ort_run)
+        defaults = settings.device_defaults(self.engine.device)
+        self.device_defaults = sorted(defaults)  # for /info
+        self.settings = settings = settings.model_copy(update=defaults)
         self.engine.max_batch = settings.max_batch_size  # warm-up covers every batch size the batcher sends
         self.engine.on_device_failure = self._device_failed
         self.tasks = Tasks.open(model_dir=self.model_dir, engine=self.engine)
