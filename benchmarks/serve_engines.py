@@ -96,13 +96,15 @@ def bench(source: ModelSource, config: dict[str, Any], args: argparse.Namespace,
         server.drain()
         runs = []
         for c in args.concurrency:
-            s0, n0 = server.batch_stats()
+            s0, n0, b0 = server.batch_stats()
             gpu = GpuUtilisation()
             run = run_load(server.url, "/embed", body, content_type, c, args.seconds, cores)
             run["gpu_util_pct"] = gpu.stop()
             server.drain()
-            s1, n1 = server.batch_stats()
+            s1, n1, b1 = server.batch_stats()
             run["mean_batch"] = (s1 - s0) / max(n1 - n0, 1)
+            # what the engine copied back per image for /embed (the pooled tokens only, where pooled on the device)
+            run["output_bytes_per_image"] = None if b0 is None or b1 is None else (b1 - b0) / max(s1 - s0, 1)
             log(f"  c={c}: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, "
                 f"mean batch {run['mean_batch']:.1f}, GPU {run['gpu_util_pct']}, errors {run['errors']}")
             runs.append(run)
@@ -124,20 +126,21 @@ def raw_row(raw_file: Path | None, label: str, config: dict[str, Any]) -> dict[s
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| model | engine | precision (served) | c | img/s | p50 ms | p99 ms | mean batch | GPU util % | "
-             "server/raw | errors |", "|" + "---|" * 11]
+             "B out/img | server/raw | errors |", "|" + "---|" * 12]
     for r in results:
         if "runs" not in r:
             lines.append(f"| {r['model']} | {r['engine']}{' compiled' if r['torch_compile'] else ''} | "
-                         f"{r['precision']} | {status(r)[:80]} |" + " |" * 7)
+                         f"{r['precision']} | {status(r)[:80]} |" + " |" * 8)
             continue
         ratio_key = next(k for k in r if k.startswith("server_over_raw"))
         for x in r["runs"]:
             top = x is r["runs"][-1]
             ratio = f"{r[ratio_key]:.2f} (raw {r['raw_img_per_s']:.0f})" if top and r[ratio_key] else ""
             gpu = "" if x["gpu_util_pct"] is None else f"{x['gpu_util_pct']:.0f}"
+            copied = "" if x.get("output_bytes_per_image") is None else f"{x['output_bytes_per_image']:,.0f}"
             lines.append(f"| {r['model']} | {r['engine']}{' compiled' if r['torch_compile'] else ''} | "
                          f"{r['precision']} ({r['served']['precision']}) | {x['concurrency']} | {x['img_per_s']:.1f} | "
-                         f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['mean_batch']:.1f} | {gpu} | {ratio} | "
+                         f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['mean_batch']:.1f} | {gpu} | {copied} | {ratio} | "
                          f"{x['errors']} |")
     return "\n".join(lines)
 

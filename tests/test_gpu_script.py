@@ -90,6 +90,9 @@ def test_gpu_sh_smoke_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(r["device_reason"] == "MAE_DEVICE=cpu" for r in providers if r["engine"] == "onnxruntime")
     serve = json.loads((tmp_path / "serve.json").read_text())["results"]
     assert all(run["errors"] == 0 and run["img_per_s"] > 0 for r in serve for run in r["runs"])
+    # on the CPU the whole latent comes back: [B, 1 + K, D] float32 per image, K the patches kept at 75 % masking
+    onnx_runs = [run for r in serve if r["engine"] == "onnxruntime" for run in r["runs"]]
+    assert onnx_runs and all(run["output_bytes_per_image"] > 0 for run in onnx_runs)
     log = (tmp_path / "gpu.log").read_text()
     summary = log.split("== summary", 1)[1]
     assert "providers.json: 4 ran, 0 failed, 0 skipped" in summary

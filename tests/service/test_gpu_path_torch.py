@@ -160,6 +160,9 @@ def test_compiled_buckets_are_warmed_up_and_requests_never_compile(
 
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
         monkeypatch.setenv("CXX", "unused-by-this-backend")
+    # dynamo caches compiled frames per code object across engines: an earlier test's engine at the same shapes
+    # would be reused here and the counts below would be smaller
+    torch._dynamo.reset()
     directory = load_model_dir(tiny_model_dir)
     eager = TorchEngine(directory, device="cpu", self_check_policy="off")
     compiled = TorchEngine(directory, device="cpu", self_check_policy="off", compile=True, max_batch=4)
