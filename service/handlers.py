@@ -42,12 +42,12 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        metrics.rejections.labels(exc.type).inc()
+        metrics.rejected(exc.type)
         return error_response_for(request.url.path, exc.status, exc.type, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.rejections.labels("invalid_option").inc()
+        metrics.rejected("invalid_option")
         return error_response_for(request.url.path, 422, "invalid_option", describe_validation_errors(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)

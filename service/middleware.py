@@ -187,12 +187,11 @@ class RequestContext:
             metrics.in_flight.dec()
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
-            metrics.requests.labels(label, str(status)).inc()
-            metrics.request_seconds.labels(label).observe(time.monotonic() - t0)
+            metrics.request_done(label, status, time.monotonic() - t0)
 
     async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer `error` here, before the app (and the body) is touched; counted like the app's refusals."""
-        self.metrics.rejections.labels(error.type).inc()
+        self.metrics.rejected(error.type)
         response = error_response_for(scope["path"], error.status, error.type, error.message, error.headers)
         await response(scope, receive, send)
 

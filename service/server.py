@@ -90,7 +90,7 @@ class Server:
         self.metrics = Metrics()
         self.fetcher = Fetcher(Allowlist(settings.url_allowlist), timeout_s=settings.url_timeout_s,
                                max_bytes=settings.url_max_bytes, max_redirects=settings.url_max_redirects,
-                               observe=lambda outcome: self.metrics.url_fetches.labels(outcome).inc())
+                               observe=lambda outcome: self.metrics.child(self.metrics.url_fetches, outcome).inc())
         self.engine = open_engine(self.model_dir, settings, on_run=self.metrics.ort_run)
         defaults = settings.device_defaults(self.engine.device)
         self.device_defaults = sorted(defaults)  # for /info
@@ -236,7 +236,7 @@ class Server:
         except DeviceFailed as e:
             raise NotReady(str(e), {"Retry-After": "1"}) from e
         route = request.scope.get("route")
-        self.metrics.images.labels(getattr(route, "path", request.url.path)).inc(len(images))
+        self.metrics.child(self.metrics.images, getattr(route, "path", request.url.path)).inc(len(images))
         if task.heavy_result:
             return await self.offload(task.result, job, payloads, outputs)
         return task.result(job, payloads, outputs)
