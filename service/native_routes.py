@@ -139,7 +139,9 @@ async def info(request: Request) -> dict[str, Any]:
                      "request_timeout_s": s.request_timeout_s, "share_idle_slots": s.share_idle_slots,
                      "decode_threads": s.decode_threads, "device_defaults": server.device_defaults},
         "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request,
-                   "max_image_pixels": s.max_image_pixels},
+                   "max_image_pixels": s.max_image_pixels, "image_urls": bool(s.url_allowlist),
+                   "url_max_bytes": s.url_max_bytes, "url_timeout_s": s.url_timeout_s,
+                   "url_max_redirects": s.url_max_redirects},
         "auth": bool(s.api_keys),
         "protocols": {
             "native": ["POST /embed", "POST /reconstruct", "POST /classify", "POST /search"],

@@ -1,7 +1,7 @@
 """OpenAI-style embeddings: `POST /v1/embeddings` and `GET /v1/models`, over the same task as `/embed`.
 
-Images arrive as `input` strings (a `data:image/...;base64,` URI or bare base64 of an image file;
-one string or a list), as infinity serves them; infinity's `"modality": "image"` is accepted, not
+Images arrive as `input` strings (a `data:image/...;base64,` URI, bare base64 of an image file, or
+an http(s) URL when MAE_URL_ALLOWLIST allows its host; one string or a list), as infinity serves them; infinity's `"modality": "image"` is accepted, not
 required. The embedding is the model's default pooling, L2-normalized, the vector `/embed` returns
 by default; the extra body field `source` picks the classifier's features instead, as on `/embed`. `dimensions` may only be the model's own size (or absent): MAE embeddings are not
 trained to be truncated (no Matryoshka loss), so a prefix would be a different, unvalidated
@@ -34,7 +34,8 @@ class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="the loaded model's name (GET /v1/models)")
-    input: str | list[str] = Field(description="images: data URIs (data:image/png;base64,...) or bare base64")
+    input: str | list[str] = Field(description="images: data URIs (data:image/png;base64,...), bare base64, or "
+                                   "http(s) URLs on the server's allow-list (MAE_URL_ALLOWLIST)")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="float: JSON numbers; base64: little-endian float32 (the OpenAI SDK's default)")
     dimensions: int | None = Field(None, ge=1, description="only the model's own size: MAE embeddings are not "

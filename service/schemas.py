@@ -55,8 +55,9 @@ class SearchOptions(_Options):
 
 
 class _Images(BaseModel):
-    image: str | None = Field(None, description="one image: base64 or a data URI")
-    images: list[str] | None = Field(None, description="several images: base64 or data URIs")
+    image: str | None = Field(None, description="one image: base64, a data URI, or an http(s) URL on the server's "
+                              "allow-list (MAE_URL_ALLOWLIST)")
+    images: list[str] | None = Field(None, description="several images: base64, data URIs or allowed URLs")
 
 
 class EmbedJsonRequest(EmbedOptions, _Images):
@@ -214,6 +215,11 @@ class InfoLimits(BaseModel):
     max_body_bytes: int
     max_images_per_request: int
     max_image_pixels: int
+    image_urls: bool = Field(description="http(s) image URLs are accepted (MAE_URL_ALLOWLIST is set); the list "
+                             "itself is not shown")
+    url_max_bytes: int = Field(description="an image URL's body limit")
+    url_timeout_s: float = Field(description="an image URL's whole fetch, redirects included")
+    url_max_redirects: int
 
 
 class InfoGallery(BaseModel):

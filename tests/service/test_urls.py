@@ -193,6 +193,14 @@ def test_a_real_name_that_resolves_to_loopback_is_refused(tiny_model_dir: Path, 
             assert response.status_code == 422 and "not a public address" in response.text, (host, response.text)
 
 
+def test_info_says_whether_urls_are_taken_and_within_what_bounds_but_not_the_list(live: str, client: Any) -> None:
+    limits = httpx.get(f"{live}/info").json()["limits"]
+    assert (limits["image_urls"], limits["url_max_bytes"], limits["url_timeout_s"], limits["url_max_redirects"]) == (
+        True, MAX_BYTES, TIMEOUT_S, 2)
+    assert "images.example.com" not in httpx.get(f"{live}/info").text
+    assert client.get("/info").json()["limits"]["image_urls"] is False
+
+
 def test_urls_are_refused_while_the_allowlist_is_empty(client: Any, origin: str) -> None:
     response = client.post("/embed", json={"image": f"{origin}/sneaker.png"})
     assert response.status_code == 422, response.text
