@@ -6,6 +6,8 @@ Scenarios (the bundled model, POST /embed with a JSON base64 body, default setti
     answer, refusals included (what load generators and clients without backoff do);
   - open 2x / open 5x: requests sent on a fixed schedule at 2x and 5x that version's capacity of this round,
     whether or not earlier ones were answered; a client gives up after --timeout seconds;
+  - refusal floor: the same 256-connection storm against benchmarks/refusal_floor.py (uvicorn and a bare ASGI
+    app that answers every request with the 503 envelope): what uvicorn alone costs per refusal;
   - refusal cost: MAE_MAX_QUEUE=16 (and, here, MAE_MAX_WAITING=0: refuse at once, no wait list) under a
     256-connection storm; the server CPU per refusal is estimated as (server CPU - 200s x the server CPU per
     200 of that version's capacity run) / refusals.
@@ -131,11 +133,23 @@ def main() -> None:
         finally:
             server.stop()
 
+    floor_runs = []  # the same storm against a bare ASGI app under uvicorn that refuses every request
+    server = Server(BUNDLED, factory="benchmarks.refusal_floor:create_app")
+    try:
+        for _ in range(args.rounds):
+            run = measured(server, closed(256))
+            run["server_cpu_ms_per_refusal"] = 1000 * run["server_cpu_s"] / max(run["refusals"], 1)
+            floor_runs.append(run)
+            log(f"uvicorn floor: {run['server_cpu_ms_per_refusal']:.3f} ms per refusal")
+    finally:
+        server.stop()
+
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "client_cores": list(cores)},
                "before": args.before, "after": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                                                capture_output=True, text=True).stdout.strip(),
                "seconds": args.seconds, "timeout_s": args.timeout,
-               "scenarios": {v: {name: median(rs) for name, rs in by.items()} for v, by in runs.items()}}
+               "scenarios": {v: {name: median(rs) for name, rs in by.items()} for v, by in runs.items()},
+               "refusal_floor": median(floor_runs)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
@@ -158,6 +172,10 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{b['p99_ms']:.1f} | {a['img_per_s']:.0f} | {a['refusals_per_s']:.0f} | {a['p50_ms']:.1f} / "
                      f"{a['p99_ms']:.1f} | {a['img_per_s'] / cap:.2f} | {b['server_cpu_pct']:.0f} / "
                      f"{a['server_cpu_pct']:.0f} | {a['client_cpu_pct']:.0f} |")
+    if floor := results.get("refusal_floor"):
+        lines.append(f"| refusal floor: uvicorn and a bare ASGI app refusing all (server CPU ms per refusal) | | | | | "
+                     f"{floor['server_cpu_ms_per_refusal']:.3f} ms | | | {floor['server_cpu_pct']:.0f} | "
+                     f"{floor['client_cpu_pct']:.0f} |")
     return "\n".join(lines)
 
 
