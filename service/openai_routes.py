@@ -1,8 +1,8 @@
 """OpenAI-style embeddings: `POST /v1/embeddings` and `GET /v1/models`, over the same task as `/embed`.
 
 Images arrive as `input` strings (a `data:image/...;base64,` URI, bare base64 of an image file, or
-an http(s) URL when MAE_URL_ALLOWLIST allows its host; one string or a list), as infinity serves them; infinity's `"modality": "image"` is accepted, not
-required. The embedding is the model's default pooling, L2-normalized, the vector `/embed` returns
+an http(s) URL when MAE_URL_ALLOWLIST allows its host; one string or a list), as infinity serves
+them; infinity's `"modality": "image"` is accepted, not required. The embedding is the model's default pooling, L2-normalized, the vector `/embed` returns
 by default; the extra body field `source` picks the classifier's features instead, as on `/embed`. `dimensions` may only be the model's own size (or absent): MAE embeddings are not
 trained to be truncated (no Matryoshka loss), so a prefix would be a different, unvalidated
 embedding, and any other value is a 422 rather than a silent approximation. Errors keep the
