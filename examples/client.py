@@ -4,7 +4,8 @@
     python examples/client.py --url http://localhost:8000 [--api-key KEY] [--out reconstruction.png]
 
 Embeds the bundled sample images, prints each one's nearest neighbour by cosine similarity and its
-top label, and writes one reconstruction (seeded, so the same picture every run).
+top label, the server's nearest gallery items for the first one (when it has a gallery), and writes
+one reconstruction (seeded, so the same picture every run).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def main() -> None:
             top = labels[i][0]
             label = f"{top.label} ({top.score:.2f})" if top else "-"
             print(f"{path.stem:12s} nearest {nearest:12s} cosine {similarity[i].max():.3f}  label {label}")
+        if info["routes"]["search"]:
+            found = mae.search(paths[0], k=3)[0]  # the first (only) image's top 3 gallery items
+            print(f"gallery items nearest {paths[0].stem}: "
+                  + ", ".join(f"#{n.id} {n.label or '-'} ({n.score:.3f})" for n in found))
         if info["routes"]["reconstruct"]:
             result = mae.reconstruct(paths[0], mask_ratio=0.75, seed=0)
             args.out.write_bytes(result.images["pasted"])
