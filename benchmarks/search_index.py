@@ -29,7 +29,6 @@ Writes benchmarks/results/search_index.json and prints the table the README show
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -187,31 +186,25 @@ def compare_indexes(gallery: np.ndarray, queries: np.ndarray, truth: np.ndarray)
 
 def write_parquet(path: Path, vectors: np.ndarray, labels: np.ndarray, names: list[str], model: Any,
                   pooling: str) -> None:
-    """The gallery in mae-embed's layout (service/bulk_embed.py): path, label, embedding; the model in the metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """The gallery as mae-embed writes it (service/bulk_embed.py's Parts: path, label, embedding; the model, source
+    and pooling in the metadata), one part merged into `path`."""
+    from service.bulk_embed import Item, Parts
 
-    from service.search import META_MODEL, META_POOLING, META_SOURCE, META_VERSION
-
-    table = pa.table({"path": [f"fashion-mnist/train/{i:05d}" for i in range(len(vectors))],
-                      "label": [names[c] for c in labels],
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])})
-    table = table.replace_schema_metadata({META_MODEL: model.name, META_VERSION: model.version, META_SOURCE: "encoder",
-                                           META_POOLING: pooling})
-    pq.write_table(table, path)
+    parts = Parts(path, {"source": "encoder", "pooling": pooling, "normalize": True, "model": model.name,
+                         "model_version": model.version, "dim": int(vectors.shape[1]), "labels": True})
+    parts.open()
+    parts.commit([(Item(f"fashion-mnist/train/{i:05d}", names[c]), v)
+                  for i, (c, v) in enumerate(zip(labels, vectors, strict=True))], [])
+    parts.merge(npy=False)
 
 
 def serve(model_dir: Path, parquet: Path, test_images: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     """/search and /embed of one image per request, on the 60k gallery: latency and /search's recall@10."""
     import httpx
-    from PIL import Image
 
-    def png(image: np.ndarray) -> bytes:
-        out = io.BytesIO()
-        Image.fromarray(image, "L").save(out, format="PNG")
-        return out.getvalue()
+    from service.imaging import encode_png
 
-    pngs = [png(i) for i in test_images]
+    pngs = [encode_png(i[:, :, None]) for i in test_images]
     t0 = time.perf_counter()
     server = Server(model_dir, "--gallery", str(parquet))
     startup_s = time.perf_counter() - t0

@@ -2,11 +2,13 @@
 
 Images arrive as `input` strings (a `data:image/...;base64,` URI, bare base64 of an image file, or
 an http(s) URL when MAE_URL_ALLOWLIST allows its host; one string or a list), as infinity serves
-them; infinity's `"modality": "image"` is accepted, not required. The embedding is the model's default pooling, L2-normalized, the vector `/embed` returns
-by default; the extra body field `source` picks the classifier's features instead, as on `/embed`. `dimensions` may only be the model's own size (or absent): MAE embeddings are not
-trained to be truncated (no Matryoshka loss), so a prefix would be a different, unvalidated
-embedding, and any other value is a 422 rather than a silent approximation. Errors keep the
-server's envelope `{"error": {"type", "message"}}`, as OpenAI's own API wraps them in `error`.
+them; infinity's `"modality": "image"` is accepted, not required. The embedding is the model's
+default pooling, L2-normalized, the vector `/embed` returns by default; the extra body field `source`
+picks the classifier's features instead, as on `/embed`. `dimensions` may only be the model's own
+size (or absent): MAE embeddings are not trained to be truncated (no Matryoshka loss), so a prefix
+would be a different, unvalidated embedding, and any other value is a 422 rather than a silent
+approximation. Errors keep the server's envelope `{"error": {"type", "message"}}`, as OpenAI's own
+API wraps them in `error`.
 """
 
 from __future__ import annotations
